@@ -1,0 +1,1 @@
+"""Deployment targets: local processes (the default) and, later, Kubernetes through the Helm chart."""

@@ -1,0 +1,74 @@
+"""One exception tree for the whole project.
+
+Every error a user can cause or meet is one of these; third-party exceptions are wrapped at the
+boundary with ``raise ... from e`` and a message that says what to do. Each class knows the exit
+code the CLI returns and the HTTP status a service answers with::
+
+    OptiserveError                      exit 1, HTTP 500 (a bug or an unexpected failure)
+    ├── ConfigError                     exit 2, HTTP 400  bad flags, bad YAML, misspelt keys, wrong types
+    ├── ModelError                      exit 3            unknown built-in, missing or unreadable model file
+    ├── ArtifactError                   exit 4            missing, corrupted or hand-edited artifact/manifest
+    ├── PluginUnavailable               exit 5            an optimizer/runtime/scenario whose package is missing
+    ├── OptimizationError               exit 6            an optimizer failed on this model (e.g. unsupported op)
+    ├── ServingError                    exit 7            a server did not start, crashed or never became ready
+    ├── LoadTestError                   exit 8            the load generator failed or produced no samples
+    ├── InputValidationError            exit 2, HTTP 400  a request that does not match the input spec
+    └── Interrupted                     exit 130          Ctrl-C / SIGTERM: everything was stopped cleanly
+"""
+
+from __future__ import annotations
+
+
+class OptiserveError(Exception):
+    """Base class. The message is one line a user can act on."""
+
+    exit_code: int = 1
+    http_status: int = 500
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class ConfigError(OptiserveError):
+    exit_code = 2
+    http_status = 400
+
+
+class ModelError(OptiserveError):
+    exit_code = 3
+    http_status = 400
+
+
+class ArtifactError(OptiserveError):
+    exit_code = 4
+
+
+class PluginUnavailable(OptiserveError):
+    exit_code = 5
+
+
+class OptimizationError(OptiserveError):
+    exit_code = 6
+
+
+class ServingError(OptiserveError):
+    exit_code = 7
+    http_status = 503
+
+
+class LoadTestError(OptiserveError):
+    exit_code = 8
+
+
+class InputValidationError(OptiserveError):
+    exit_code = 2
+    http_status = 400
+
+
+class Interrupted(OptiserveError):
+    exit_code = 130

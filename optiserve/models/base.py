@@ -1,0 +1,40 @@
+"""Built-in models: one file each in this package, found by the registry.
+
+A built-in model knows how to build its torch module with real weights, how to preprocess what users
+send, and which real data to evaluate and calibrate on. Heavy imports stay inside methods.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+from optiserve.registry import Plugin
+from optiserve.types import ModelSpec
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+Split = Literal["eval", "calibration"]
+
+
+class BuiltinModel(Plugin, base=True, package="optiserve.models"):
+    extra: ClassVar[str] = "models"
+
+    @classmethod
+    def spec(cls) -> ModelSpec:
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls) -> torch.nn.Module:
+        """The torch module with its real weights, in eval mode."""
+        raise NotImplementedError
+
+    @classmethod
+    def dataset(cls, split: Split, n: int) -> np.ndarray:
+        """``n`` preprocessed samples of real data, deterministic; eval and calibration are disjoint."""
+        raise NotImplementedError
+
+    @classmethod
+    def labels(cls) -> list[str] | None:
+        return None

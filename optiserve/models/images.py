@@ -1,0 +1,90 @@
+"""Real photos for evaluation and calibration, cut into deterministic crops.
+
+The photos ship with scikit-image and scikit-learn, so nothing is downloaded. Each photo yields many
+crops of varying size and position from a seeded generator; even-numbered crops form the eval split
+and odd-numbered ones the calibration split, so the two never share a crop.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+# Photos that load without network access (others in skimage.data need the optional `pooch`).
+SKIMAGE_PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "camera",
+    "moon",
+    "coins",
+    "page",
+    "grass",
+    "gravel",
+    "brick",
+    "horse",
+    "clock",
+    "text",
+    "colorwheel",
+)
+
+
+@functools.cache
+def photos() -> tuple[np.ndarray, ...]:
+    """Every available photo as an HxWx3 uint8 array (greyscale ones replicated to 3 channels)."""
+    import numpy as np
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    out: list[np.ndarray] = []
+    for name in SKIMAGE_PHOTOS:
+        try:
+            img = getattr(skimage.data, name)()
+        except Exception:  # a photo that needs a download in this skimage version: skip it
+            continue
+        img = np.asarray(img)
+        if img.dtype == bool:
+            img = img.astype(np.uint8) * 255
+        if img.dtype != np.uint8:
+            img = (255 * (img - img.min()) / max(float(img.max() - img.min()), 1e-9)).astype(np.uint8)
+        if img.ndim == 2:
+            img = np.stack([img] * 3, axis=-1)
+        out.append(np.ascontiguousarray(img[..., :3]))
+    out.extend(np.asarray(img)[..., :3] for img in load_sample_images().images)
+    return tuple(out)
+
+
+def crops(split: str, n: int, seed: int = 20261125) -> list[Image.Image]:
+    """``n`` deterministic RGB crops for ``split`` ("eval" or "calibration")."""
+    import numpy as np
+    from PIL import Image
+
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    offset = 0 if split == "eval" else 1
+    rng = np.random.default_rng(seed)
+    images = photos()
+    out: list[Image.Image] = []
+    k = 0
+    while len(out) < n:
+        img = images[k % len(images)]
+        h, w = img.shape[:2]
+        side = int(rng.uniform(0.35, 1.0) * min(h, w))
+        top = int(rng.integers(0, h - side + 1))
+        left = int(rng.integers(0, w - side + 1))
+        flip = bool(rng.integers(0, 2))
+        if k % 2 == offset:
+            crop = img[top : top + side, left : left + side]
+            if flip:
+                crop = crop[:, ::-1]
+            out.append(Image.fromarray(np.ascontiguousarray(crop)))
+        k += 1
+    return out

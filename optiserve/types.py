@@ -1,0 +1,196 @@
+"""The spine: one frozen, typed object per stage, each carrying its full lineage.
+
+    ModelSpec ──optimize──▶ Variant* ──package──▶ ServiceSpec ──deploy──▶ Endpoint ──bench──▶ BenchResult*
+                                                                                    ──report──▶ Report
+
+A variant's id is derived from its content (see :mod:`optiserve.ids`) and is used unchanged as the
+Bento tag, Helm release suffix, Prometheus ``variant`` label and result file name.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DType = Literal["float32", "float16", "int64", "int32", "uint8"]
+ArtifactFormat = Literal["torch", "onnx", "openvino", "tensorrt"]
+Precision = Literal["fp32", "fp16", "int8"]
+ModelSource = Literal["builtin", "onnx", "torch-callable"]
+Task = Literal["image-classification", "generic"]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TensorSpec(Frozen):
+    """One model input or output. ``None`` in the shape marks a dynamic axis (always the batch axis)."""
+
+    name: str
+    dtype: DType = "float32"
+    shape: tuple[int | None, ...]
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample: the batch axis dropped, every other axis fixed."""
+        return tuple(int(d) for d in self.shape[1:] if d is not None)
+
+
+class ModelSpec(Frozen):
+    """What the user asked for: a built-in model, an ONNX file, or a ``module:callable`` torch model."""
+
+    name: str
+    source: ModelSource
+    ref: str = Field(description="built-in name, ONNX path, or module:callable")
+    task: Task = "generic"
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...] = ()
+    sha256: str | None = Field(default=None, description="of the source file, when there is one")
+
+
+class Artifact(Frozen):
+    path: str = Field(description="relative to the variant directory")
+    sha256: str
+    size_bytes: int
+
+
+class OptimizerStep(Frozen):
+    optimizer: str
+    tag: str = Field(description="the readable part this step adds to the variant id, e.g. 'onnx'")
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class Variant(Frozen):
+    """One servable form of a model, with every step that produced it."""
+
+    id: str
+    model: ModelSpec
+    parent_id: str | None = None
+    steps: tuple[OptimizerStep, ...] = ()
+    format: ArtifactFormat
+    precision: Precision = "fp32"
+    artifacts: dict[str, Artifact]
+    parameters: int | None = None
+    created_at: _dt.datetime
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(a.size_bytes for a in self.artifacts.values())
+
+    @property
+    def chain(self) -> str:
+        return " → ".join([self.model.source, *(s.optimizer for s in self.steps)])
+
+
+class Evaluation(Frozen):
+    """Accuracy of a variant, in-process, against the FP32 reference on held-out inputs."""
+
+    variant_id: str
+    runtime: str
+    reference_variant_id: str
+    metric: Literal["top1_agreement", "max_abs_diff"]
+    value: float
+    n_samples: int
+    max_abs_diff: float
+
+
+class BatchingSpec(Frozen):
+    """BentoML adaptive batching: the batcher never waits longer than max_latency_ms for a batch."""
+
+    enabled: bool = True
+    max_batch_size: int = Field(default=8, ge=1, le=1024)
+    max_latency_ms: int = Field(default=10_000, ge=1)
+
+
+class ThreadSpec(Frozen):
+    """Runtime threads, identical for every runtime so an A/B pair gets the same resources."""
+
+    intra_op: int = Field(default=1, ge=1)
+    inter_op: int = Field(default=1, ge=1)
+
+
+class ServiceSpec(Frozen):
+    variant: Variant
+    variant_dir: str
+    runtime: str
+    batching: BatchingSpec = BatchingSpec()
+    threads: ThreadSpec = ThreadSpec()
+    host: str = "127.0.0.1"
+    port: int | None = None
+
+
+class Endpoint(Frozen):
+    service: ServiceSpec
+    url: str
+    target: Literal["local", "kubernetes"] = "local"
+
+    @property
+    def predict_url(self) -> str:
+        return f"{self.url}/predict"
+
+
+class LoadSpec(Frozen):
+    """One load level of a scenario, always labelled with its load model."""
+
+    scenario: str
+    load_model: Literal["closed", "open"]
+    users: int = Field(ge=1)
+    duration_s: float = Field(gt=0)
+    warmup_s: float = Field(ge=0)
+
+
+class MachineInfo(Frozen):
+    hostname: str
+    cpu_model: str
+    logical_cpus: int
+    memory_gib: float
+    platform: str
+    python: str
+
+
+class LatencyStats(Frozen):
+    """Milliseconds, over the measured window only; n is the sample count behind every figure."""
+
+    n: int
+    mean: float
+    p50: float
+    p90: float
+    p95: float
+    p99: float
+    max: float
+
+
+class BenchResult(Frozen):
+    variant_id: str
+    runtime: str
+    precision: Precision
+    endpoint: Endpoint
+    load: LoadSpec
+    machine: MachineInfo
+    started_at: _dt.datetime
+    measured_s: float
+    n_requests: int
+    n_errors: int
+    error_rate: float
+    throughput_rps: float
+    latency_ms: LatencyStats | None
+    errors_by_kind: dict[str, int] = Field(default_factory=dict)
+    samples_path: str
+
+
+class ReportRow(Frozen):
+    variant_id: str
+    runtime: str
+    precision: Precision
+    size_bytes: int
+    accuracy: Evaluation | None
+    results: tuple[BenchResult, ...]
+
+
+class Report(Frozen):
+    created_at: _dt.datetime
+    model: str
+    rows: tuple[ReportRow, ...]
+    skipped: dict[str, str] = Field(default_factory=dict, description="what was not run, and why")

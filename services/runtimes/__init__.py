@@ -1,0 +1,1 @@
+"""Runtimes: one file each; ``Runtime.registry()`` finds them."""

@@ -1,0 +1,51 @@
+"""The Runtime contract, shared by the service and the in-process evaluation.
+
+``load()`` reads the artifact and sets ``ready``; ``infer(batch)`` maps a batch (first axis) of the
+model's single input to its first output. Threads come from the ServiceSpec so an A/B pair runs with
+identical resources.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from optiserve.registry import Plugin
+from optiserve.types import ArtifactFormat, ThreadSpec, Variant
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+class Runtime(Plugin, base=True, package="optiserve.services.runtimes"):
+    formats: ClassVar[tuple[ArtifactFormat, ...]] = ()
+    """Artifact formats this runtime can serve; the variant × runtime matrix is computed from it."""
+
+    short: ClassVar[str] = ""
+    """Short label for tables (e.g. ``ort``)."""
+
+    def __init__(self, variant: Variant, variant_dir: Path, threads: ThreadSpec | None = None) -> None:
+        self.variant = variant
+        self.variant_dir = variant_dir
+        self.threads = threads or ThreadSpec()
+        self.ready = False
+
+    @classmethod
+    def serves(cls, variant: Variant) -> bool:
+        return variant.format in cls.formats
+
+    def load(self) -> None:
+        raise NotImplementedError
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def label(self) -> str:
+        """How the variant is shown: ``<runtime>-<precision>``, e.g. ``onnxruntime-fp32``."""
+        return f"{self.name}-{self.variant.precision}"
+
+
+def runtimes_for(variant: Variant) -> list[type[Runtime]]:
+    """Every registered runtime that accepts this variant's format (available or not)."""
+    return [rt for rt in Runtime.registry().values() if rt.serves(variant)]

@@ -1,0 +1,42 @@
+"""PyTorch eager mode on the CPU: the FP32 reference every other variant is compared with."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from optiserve.artifacts import load_torch_variant
+from optiserve.types import ArtifactFormat
+
+from .base import Runtime
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+class TorchEager(Runtime):
+    name: ClassVar[str] = "torch-eager"
+    short: ClassVar[str] = "torch"
+    description: ClassVar[str] = "PyTorch eager mode (CPU)"
+    requires: ClassVar[tuple[str, ...]] = ("torch",)
+    extra: ClassVar[str] = "models"
+    formats: ClassVar[tuple[ArtifactFormat, ...]] = ("torch",)
+
+    def load(self) -> None:
+        import torch
+
+        # Threads are process-wide in torch; the service runs one runtime per process.
+        torch.set_num_threads(self.threads.intra_op)
+        if torch.get_num_interop_threads() != self.threads.inter_op:
+            try:
+                torch.set_num_interop_threads(self.threads.inter_op)
+            except RuntimeError:
+                pass  # can only be set once per process, before any parallel work
+        self._module: Any = load_torch_variant(self.variant, self.variant_dir)
+        self.ready = True
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self._module(torch.from_numpy(batch))
+        return out.numpy()  # type: ignore[no-any-return]
