@@ -1,0 +1,61 @@
+"""Locust users for optiserve. Run only as a subprocess by :mod:`optiserve.loadtests.runner`.
+
+Inputs come from the environment, so the runner controls everything without locust CLI plumbing:
+``OPTISERVE_PAYLOADS`` (a file of request bodies, one JSON document per line, sent round-robin),
+``OPTISERVE_PATH`` (the endpoint path) and ``OPTISERVE_SAMPLES`` (where raw samples are written).
+
+Every request becomes one raw sample ``start_epoch_s,latency_ms,ok,error_kind`` in a CSV, written
+when Locust quits; the runner computes all statistics from those samples, not from Locust's own.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import os
+import time
+
+from locust import FastHttpUser, constant, events, task
+
+PAYLOADS = [line for line in open(os.environ["OPTISERVE_PAYLOADS"], "rb").read().splitlines() if line.strip()]
+PATH = os.environ.get("OPTISERVE_PATH", "/predict")
+SAMPLES_FILE = os.environ["OPTISERVE_SAMPLES"]
+HEADERS = {"content-type": "application/json"}
+
+_samples: list[tuple[float, float, int, str]] = []
+_bodies = itertools.cycle(PAYLOADS)
+
+
+@events.request.add_listener
+def _record(request_type, name, response_time, response_length, response=None, exception=None, start_time=None, **kw):  # type: ignore[no-untyped-def]
+    start = start_time if start_time is not None else time.time() - response_time / 1000.0
+    if exception is None:
+        _samples.append((start, float(response_time), 1, ""))
+    else:
+        status = getattr(response, "status_code", 0) or 0
+        kind = f"http-{status}" if status else type(exception).__name__
+        _samples.append((start, float(response_time), 0, kind))
+
+
+@events.quitting.add_listener
+def _write(environment, **kw):  # type: ignore[no-untyped-def]
+    tmp = SAMPLES_FILE + ".tmp"
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["start_s", "latency_ms", "ok", "error"])
+        writer.writerows(_samples)
+    os.replace(tmp, SAMPLES_FILE)
+
+
+class ClosedLoopUser(FastHttpUser):
+    """Sends the next request as soon as the previous one returns (no think time)."""
+
+    wait_time = constant(0)
+    network_timeout = 60.0
+    connection_timeout = 10.0
+
+    @task
+    def predict(self) -> None:
+        with self.client.post(PATH, data=next(_bodies), headers=HEADERS, catch_response=True) as resp:
+            if resp.status_code != 200:
+                resp.failure(f"HTTP {resp.status_code}")

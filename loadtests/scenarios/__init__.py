@@ -1,0 +1,1 @@
+"""Load scenarios: one file each; ``Scenario.registry()`` finds them."""

@@ -1,0 +1,367 @@
+"""The ``optiserve`` command line. Every command has ``--help`` with an example.
+
+Errors from the :mod:`optiserve.errors` tree become one red line and their exit code, never a
+traceback; Ctrl-C or SIGTERM stops every child process and exits 130.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from optiserve.config import ExperimentConfig, load_config, with_overrides
+from optiserve.errors import ConfigError, Interrupted, OptiserveError
+from optiserve.progress import Steps, console
+
+app = typer.Typer(
+    name="optiserve",
+    help="Optimize a model into variants, serve each with BentoML, load-test them and report.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)  # stdout: tables and results
+
+ConfigArg = Annotated[Path | None, typer.Argument(help="Experiment YAML file (optional; flags override it).")]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Built-in name, path to .onnx, or module:callable.")]
+WorkdirOpt = Annotated[Path | None, typer.Option("--workdir", "-w", help="Where variants and results go.")]
+ConcurrencyOpt = Annotated[str | None, typer.Option("--concurrency", "-c", help="Closed-loop users, comma-separated: 1,4,8.")]
+DurationOpt = Annotated[float | None, typer.Option("--duration", help="Measured seconds per load level.")]
+WarmupOpt = Annotated[float | None, typer.Option("--warmup", help="Warm-up seconds per level (discarded).")]
+RuntimeOpt = Annotated[list[str] | None, typer.Option("--runtime", "-r", help="Only these runtimes (repeatable).")]
+OptimizerOpt = Annotated[list[str] | None, typer.Option("--optimizer", "-o", help="Optimizers to apply (repeatable).")]
+EvalOpt = Annotated[int | None, typer.Option("--eval-samples", help="Held-out samples for the accuracy check.")]
+InputShapeOpt = Annotated[str | None, typer.Option("--input-shape", help="Per-sample shape for module:callable: 3,224,224.")]
+
+
+def _ints(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError as e:
+        raise ConfigError(f"{what} must be comma-separated whole numbers, e.g. 1,4,8 (got {text!r})") from e
+    if not values:
+        raise ConfigError(f"{what} is empty")
+    return values
+
+
+def _config(
+    path: Path | None,
+    *,
+    model: str | None = None,
+    workdir: Path | None = None,
+    concurrency: str | None = None,
+    duration: float | None = None,
+    warmup: float | None = None,
+    runtimes: list[str] | None = None,
+    optimizers: list[str] | None = None,
+    eval_samples: int | None = None,
+    input_shape: str | None = None,
+) -> ExperimentConfig:
+    overrides: dict[str, Any] = {
+        "model.ref": model,
+        "model.input_shape": _ints(input_shape, "--input-shape"),
+        "workdir": str(workdir) if workdir else None,
+        "load.concurrency": _ints(concurrency, "--concurrency"),
+        "load.duration_s": duration,
+        "load.warmup_s": warmup,
+        "serving.runtimes": runtimes or None,
+        "optimizers": [{"name": n} for n in optimizers] if optimizers else None,
+        "eval.samples": eval_samples,
+    }
+    return with_overrides(load_config(path), overrides)
+
+
+@app.command()
+def run(
+    config: ConfigArg = None,
+    model: ModelOpt = None,
+    workdir: WorkdirOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    duration: DurationOpt = None,
+    warmup: WarmupOpt = None,
+    runtime: RuntimeOpt = None,
+    optimizer: OptimizerOpt = None,
+    eval_samples: EvalOpt = None,
+    input_shape: InputShapeOpt = None,
+) -> None:
+    """Optimize → evaluate → serve → load test → report, end to end.
+
+    Example: [bold]optiserve run --model efficientnet-lite0 --concurrency 1,4 --duration 10[/]
+    """
+    from optiserve import pipeline
+    from optiserve.report import build_report, render_table, write_report
+
+    cfg = _config(config, model=model, workdir=workdir, concurrency=concurrency, duration=duration, warmup=warmup,
+                  runtimes=runtime, optimizers=optimizer, eval_samples=eval_samples, input_shape=input_shape)
+    steps = Steps()
+    spec = pipeline.resolve(cfg)
+    _check_plugins(cfg)
+    variants, skipped = pipeline.optimize(cfg, spec, steps)
+    plan = pipeline.plan(cfg, spec, variants, skipped)
+    if not plan.pairs:
+        raise OptiserveError("no variant can be served by an available runtime", hint="see `optiserve doctor`")
+    run_dir = pipeline.new_run_dir(cfg.workdir)
+    _write_json(run_dir / "skipped.json", plan.skipped)
+    evaluations = pipeline.evaluate(cfg, plan, run_dir, steps)
+    results = pipeline.bench(cfg, plan, run_dir, steps)
+    report = build_report(spec.name, {v.id: v for v in variants}, results, list(evaluations.values()), plan.skipped)
+    json_path, md_path = write_report(report, run_dir)
+    out.print(render_table(report))
+    _print_skipped(plan.skipped)
+    out.print(f"Report: {md_path}  (and {json_path.name}; raw samples in {run_dir / 'samples'})")
+
+
+@app.command()
+def optimize(
+    config: ConfigArg = None,
+    model: ModelOpt = None,
+    workdir: WorkdirOpt = None,
+    optimizer: OptimizerOpt = None,
+    input_shape: InputShapeOpt = None,
+) -> None:
+    """Produce the variants of a model (cached by content id) and list them.
+
+    Example: [bold]optiserve optimize --model efficientnet-lite0 -o onnx-export[/]
+    """
+    from optiserve import pipeline
+
+    cfg = _config(config, model=model, workdir=workdir, optimizers=optimizer, input_shape=input_shape)
+    spec = pipeline.resolve(cfg)
+    _check_plugins(cfg)
+    variants, skipped = pipeline.optimize(cfg, spec, Steps())
+    table = Table(title=f"Variants of {spec.name} in {cfg.workdir / 'variants'}")
+    for col in ("variant", "chain", "format", "precision", "size", "parameters"):
+        table.add_column(col)
+    for v in variants:
+        table.add_row(v.id, v.chain, v.format, v.precision, f"{v.size_bytes / 1e6:.1f} MB",
+                      f"{v.parameters:,}" if v.parameters else "–")
+    out.print(table)
+    _print_skipped(skipped)
+
+
+@app.command()
+def serve(
+    config: ConfigArg = None,
+    model: ModelOpt = None,
+    workdir: WorkdirOpt = None,
+    runtime: RuntimeOpt = None,
+    variant: Annotated[list[str] | None, typer.Option("--variant", "-v", help="Variant ids (default: all).")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port of the first server (next ones count up).")] = None,
+    seconds: Annotated[float | None, typer.Option("--for", help="Stop after this many seconds (default: Ctrl-C).")] = None,
+) -> None:
+    """Serve variants that `optiserve optimize` produced, one `bentoml serve` process each, until Ctrl-C.
+
+    Example: [bold]optiserve serve --model efficientnet-lite0 --runtime onnxruntime[/]
+    then [bold]curl -s localhost:PORT/readyz[/]
+    """
+    from optiserve import pipeline
+    from optiserve.deploy.local import LocalDeployment
+    from optiserve.manifest import variant_dir
+    from optiserve.types import ServiceSpec
+
+    cfg = _config(config, model=model, workdir=workdir, runtimes=runtime)
+    p = _existing_plan(cfg, variant)
+    with LocalDeployment(cfg.workdir, ready_timeout_s=cfg.serving.ready_timeout_s) as deployment:
+        table = Table(title="Serving (Ctrl-C stops every server)")
+        for col in ("variant", "runtime", "url"):
+            table.add_column(col)
+        with Steps().task("Starting servers", total=len(p.pairs)) as advance:
+            for i, (v, rt) in enumerate(p.pairs):
+                spec = ServiceSpec(variant=v, variant_dir=str(variant_dir(cfg.workdir, v.id).resolve()), runtime=rt,
+                                   batching=cfg.serving.batching, threads=cfg.serving.threads,
+                                   port=(port + i) if port else None)
+                endpoint = deployment.start(spec)
+                table.add_row(v.id, rt, f"{endpoint.url}/predict")
+                advance()
+        out.print(table)
+        deadline = time.monotonic() + seconds if seconds else None
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
+@app.command()
+def bench(
+    config: ConfigArg = None,
+    model: ModelOpt = None,
+    workdir: WorkdirOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    duration: DurationOpt = None,
+    warmup: WarmupOpt = None,
+    runtime: RuntimeOpt = None,
+    variant: Annotated[list[str] | None, typer.Option("--variant", "-v", help="Variant ids (default: all).")] = None,
+) -> None:
+    """Load-test variants that already exist (serve each, drive it with Locust) and write a report.
+
+    Example: [bold]optiserve bench --model efficientnet-lite0 -c 1,8 --duration 20[/]
+    """
+    from optiserve import pipeline
+    from optiserve.report import build_report, render_table, write_report
+
+    cfg = _config(config, model=model, workdir=workdir, concurrency=concurrency, duration=duration, warmup=warmup,
+                  runtimes=runtime)
+    p = _existing_plan(cfg, variant)
+    run_dir = pipeline.new_run_dir(cfg.workdir)
+    _write_json(run_dir / "skipped.json", p.skipped)
+    results = pipeline.bench(cfg, p, run_dir, Steps())
+    report = build_report(p.spec.name, {v.id: v for v in p.variants}, results, [], p.skipped)
+    _, md_path = write_report(report, run_dir)
+    out.print(render_table(report))
+    out.print(f"Report: {md_path}")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path | None, typer.Argument(help="A results folder (default: the latest in the workdir).")] = None,
+    workdir: WorkdirOpt = None,
+) -> None:
+    """Rebuild report.json and report.md from a run's result files, and print the table.
+
+    Example: [bold]optiserve report optiserve-work/results/20261125-120000[/]
+    """
+    from optiserve import pipeline
+    from optiserve.report import build_report, render_table, write_report
+
+    cfg = _config(None, workdir=workdir)
+    if run_dir is None:
+        runs = sorted(p for p in (cfg.workdir / "results").glob("*") if p.is_dir()) if (cfg.workdir / "results").is_dir() else []
+        if not runs:
+            raise ConfigError(f"no runs in {cfg.workdir / 'results'}", hint="run `optiserve run` first")
+        run_dir = runs[-1]
+    if not (run_dir / "bench").is_dir() and not (run_dir / "eval").is_dir():
+        raise ConfigError(f"{run_dir} is not a results folder (expected bench/ and eval/ inside)")
+    results, evaluations, skipped = pipeline.load_run(run_dir)
+    workdir_of_run = run_dir.parent.parent
+    variants = pipeline.known_variants(workdir_of_run)
+    model = results[0].endpoint.service.variant.model.name if results else "model"
+    rep = build_report(model, variants, results, evaluations, skipped)
+    _, md_path = write_report(rep, run_dir)
+    out.print(render_table(rep))
+    out.print(f"Report: {md_path}")
+
+
+@app.command()
+def doctor() -> None:
+    """List every plugin and external tool, available or not, with the reason.
+
+    Example: [bold]optiserve doctor[/]
+    """
+    from optiserve.doctor import plugin_rows, tool_rows
+
+    table = Table(title="optiserve doctor")
+    for col in ("kind", "name", "status", "details"):
+        table.add_column(col, overflow="fold")
+    for kind, name, ok, why in [*plugin_rows(), *tool_rows()]:
+        table.add_row(kind, name, "[green]available[/]" if ok else "[red]unavailable[/]", why)
+    out.print(table)
+
+
+@app.command()
+def models() -> None:
+    """List the built-in models, and the other forms `--model` accepts.
+
+    Example: [bold]optiserve models[/]
+    """
+    from optiserve.models.base import BuiltinModel
+
+    table = Table(title="Built-in models (`--model NAME`)")
+    for col in ("name", "description", "input", "status"):
+        table.add_column(col, overflow="fold")
+    for name, cls in BuiltinModel.registry().items():
+        avail = cls.availability()
+        shape = "–"
+        if avail.ok:
+            shape = " × ".join("N" if d is None else str(d) for d in cls.spec().inputs[0].shape)
+        table.add_row(name, cls.description, shape, "available" if avail.ok else avail.reason)
+    out.print(table)
+    out.print("Also: --model path/to/model.onnx, or --model package.module:factory --input-shape 3,224,224")
+
+
+def _check_plugins(cfg: ExperimentConfig) -> None:
+    """Unknown optimizer/runtime/scenario names are config errors, caught before any work."""
+    from optiserve.loadtests.scenarios.base import Scenario
+    from optiserve.optimizers.base import Optimizer
+    from optiserve.services.runtimes.base import Runtime
+
+    for entry in cfg.optimizers:
+        Optimizer.get(entry.name)
+    for name in cfg.serving.runtimes or ():
+        Runtime.get(name)
+    Scenario.get(cfg.load.scenario)
+
+
+def _existing_plan(cfg: ExperimentConfig, variant_ids: list[str] | None) -> Any:
+    from optiserve import pipeline
+
+    spec = pipeline.resolve(cfg)
+    _check_plugins(cfg)
+    variants = [v for v in pipeline.known_variants(cfg.workdir).values() if v.model.name == spec.name]
+    if variant_ids:
+        unknown = sorted(set(variant_ids) - {v.id for v in variants})
+        if unknown:
+            known = ", ".join(v.id for v in variants) or "(none)"
+            raise ConfigError(f"unknown variant {unknown[0]!r} in {cfg.workdir}; known: {known}")
+        variants = [v for v in variants if v.id in variant_ids]
+    if not variants:
+        raise ConfigError(f"no variants of {spec.name} in {cfg.workdir}", hint="run `optiserve optimize` first")
+    p = pipeline.plan(cfg, spec, variants, {})
+    if not p.pairs:
+        raise OptiserveError("no variant can be served by an available runtime", hint="see `optiserve doctor`")
+    return p
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from optiserve.fsutil import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def _print_skipped(skipped: dict[str, str]) -> None:
+    for what, why in skipped.items():
+        out.print(f"[yellow]skipped[/] {what}: {why}")
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _fail(message: str, code: int) -> None:
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    sys.exit(code)
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    command = typer.main.get_command(app)
+    try:
+        command.main(prog_name="optiserve", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt, Interrupted):
+        _fail("interrupted; every server and load generator started by this run was stopped", 130)
+    except OptiserveError as e:
+        _fail(e.one_line(), e.exit_code)
+    except Exception as e:
+        if os.environ.get("OPTISERVE_DEBUG"):
+            raise
+        _fail(f"unexpected {type(e).__name__}: {e} (a bug; set OPTISERVE_DEBUG=1 for the traceback)", 1)
+
+
+if __name__ == "__main__":
+    main()

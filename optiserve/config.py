@@ -1,0 +1,134 @@
+"""The experiment file (YAML) that drives ``optiserve run``; every key is checked, flags override it.
+
+A misspelt key or a wrong type is refused with one line that names the key, what was given and what
+is allowed, before anything is written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from optiserve.errors import ConfigError
+from optiserve.types import BatchingSpec, DType, ThreadSpec
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelConfig(Strict):
+    ref: str = "efficientnet-lite0"
+    """A built-in name, a path to an .onnx file, or module:callable returning a torch nn.Module."""
+    name: str | None = None
+    """Display name (defaults to the built-in name, the file stem or the callable's name)."""
+    input_shape: tuple[int, ...] | None = None
+    """Per-sample input shape without the batch axis; required for module:callable models."""
+    input_dtype: DType = "float32"
+    input_name: str = "input"
+
+
+class OptimizerEntry(Strict):
+    name: str
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class ServingConfig(Strict):
+    runtimes: tuple[str, ...] | None = None
+    """Runtimes to serve with; default: every available runtime that accepts each variant's format."""
+    batching: BatchingSpec = BatchingSpec()
+    threads: ThreadSpec = ThreadSpec()
+    ready_timeout_s: float = Field(default=300.0, gt=0)
+
+
+class LoadConfig(Strict):
+    scenario: str = "closed-loop"
+    concurrency: tuple[int, ...] = Field(default=(1, 4), min_length=1)
+    duration_s: float = Field(default=12.0, gt=0)
+    warmup_s: float = Field(default=3.0, ge=0)
+    payload_samples: int = Field(default=8, ge=1, le=256)
+    """Distinct eval samples sent round-robin by the load generator."""
+
+
+class EvalConfig(Strict):
+    samples: int = Field(default=64, ge=1, le=100_000)
+
+
+class ExperimentConfig(Strict):
+    model: ModelConfig = ModelConfig()
+    workdir: Path = Path("optiserve-work")
+    optimizers: tuple[OptimizerEntry, ...] = (OptimizerEntry(name="onnx-export"),)
+    serving: ServingConfig = ServingConfig()
+    load: LoadConfig = LoadConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
+    loc = [str(p) for p in error["loc"]]
+    where = ".".join(loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(model, loc[:-1])
+        return f"unknown key {where!r}; allowed here: {', '.join(allowed)}"
+    given = error.get("input")
+    shown = repr(given) if not isinstance(given, dict | list) else type(given).__name__
+    return f"{where}: {error['msg']} (got {shown})"
+
+
+def _allowed_keys(model: type[BaseModel], path: list[str]) -> list[str]:
+    current: Any = model
+    for key in path:
+        if key.isdigit():
+            continue
+        field = getattr(current, "model_fields", {}).get(key)
+        if field is None:
+            break
+        annotation = field.annotation
+        for candidate in (annotation, *getattr(annotation, "__args__", ())):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                current = candidate
+                break
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def parse_config(data: Any, source: str = "config") -> ExperimentConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_describe(e.errors()[0], ExperimentConfig)}") from e
+
+
+def load_config(path: Path | None) -> ExperimentConfig:
+    if path is None:
+        return ExperimentConfig()
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (expected YAML)") from e
+    return parse_config(data, str(path))
+
+
+def with_overrides(config: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
+    """Apply command-line flags (dotted keys, ``None`` meaning 'not given'), re-validating the result."""
+    data = config.model_dump(mode="json")
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return parse_config(data, "command line")

@@ -1,0 +1,120 @@
+"""The report: a pure function of results, written as report.json and report.md, shown as a Rich table."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from optiserve.fsutil import atomic_write_text
+from optiserve.types import BenchResult, Evaluation, Report, ReportRow, Variant
+
+
+def build_report(
+    model: str,
+    variants: dict[str, Variant],
+    results: list[BenchResult],
+    evaluations: list[Evaluation],
+    skipped: dict[str, str] | None = None,
+) -> Report:
+    evals = {(e.variant_id, e.runtime): e for e in evaluations}
+    keys: list[tuple[str, str]] = []
+    for key in [*evals, *((r.variant_id, r.runtime) for r in results)]:
+        if key not in keys:
+            keys.append(key)
+    rows = []
+    for vid, runtime in keys:
+        mine = sorted((r for r in results if (r.variant_id, r.runtime) == (vid, runtime)), key=lambda r: r.load.users)
+        variant = variants.get(vid)
+        rows.append(ReportRow(
+            variant_id=vid,
+            runtime=runtime,
+            precision=variant.precision if variant else (mine[0].precision if mine else "fp32"),
+            size_bytes=variant.size_bytes if variant else 0,
+            accuracy=evals.get((vid, runtime)),
+            results=tuple(mine),
+        ))
+    return Report(created_at=dt.datetime.now(dt.UTC), model=model, rows=tuple(rows), skipped=dict(skipped or {}))
+
+
+def concurrencies(report: Report) -> list[int]:
+    return sorted({r.load.users for row in report.rows for r in row.results})
+
+
+def _accuracy(ev: Evaluation | None) -> str:
+    if ev is None:
+        return "–"
+    if ev.metric == "top1_agreement":
+        return f"{ev.value * 100:.1f}% (n={ev.n_samples})"
+    return f"max|Δ| {ev.value:.2e} (n={ev.n_samples})"
+
+
+def _cells(row: ReportRow, users: int) -> tuple[str, str, str]:
+    r = next((r for r in row.results if r.load.users == users), None)
+    if r is None:
+        return "–", "–", "–"
+    lat = f"{r.latency_ms.p50:.1f} / {r.latency_ms.p99:.1f}" if r.latency_ms else "–"
+    return lat, f"{r.throughput_rps:.1f}", f"{r.n_errors}/{r.n_requests}"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def render_table(report: Report) -> Table:
+    table = Table(title=f"optiserve: {report.model} — closed loop over HTTP, warm-up excluded")
+    table.add_column("variant", no_wrap=True)
+    table.add_column("runtime", no_wrap=True)
+    table.add_column("prec")
+    table.add_column("size", justify="right")
+    table.add_column("top-1 vs FP32", justify="right")
+    levels = concurrencies(report)
+    for users in levels:
+        table.add_column(f"{users} user{'s' if users > 1 else ''}: p50/p99 ms · req/s · errors", justify="right")
+    for row in report.rows:
+        cells: list[str] = [row.variant_id, row.runtime, row.precision, _mb(row.size_bytes), _accuracy(row.accuracy)]
+        for users in levels:
+            lat, rps, errs = _cells(row, users)
+            cells.append(f"{lat} · {rps} · {errs}")
+        table.add_row(*cells)
+    return table
+
+
+def render_markdown(report: Report) -> str:
+    levels = concurrencies(report)
+    head = ["variant", "runtime", "precision", "size", "top-1 agreement vs FP32"]
+    for users in levels:
+        head += [f"c={users} p50 / p99 (ms)", f"c={users} req/s", f"c={users} errors"]
+    lines = [
+        f"# optiserve report: {report.model}",
+        "",
+        f"Created {report.created_at:%Y-%m-%d %H:%M:%S} UTC. Load: closed loop (N concurrent users, no think "
+        "time) over HTTP against one local `bentoml serve` process per variant; warm-up excluded. Accuracy: "
+        "in-process, against the FP32 source model on held-out inputs.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for row in report.rows:
+        cells = [f"`{row.variant_id}`", row.runtime, row.precision, _mb(row.size_bytes), _accuracy(row.accuracy)]
+        for users in levels:
+            cells.extend(_cells(row, users))
+        lines.append("| " + " | ".join(cells) + " |")
+    sample_counts = [r for row in report.rows for r in row.results]
+    if sample_counts:
+        machine = sample_counts[0].machine
+        lines += ["", f"Machine: {machine.cpu_model}, {machine.logical_cpus} logical CPUs, {machine.memory_gib} GiB."]
+        lines += ["", "Each latency figure is over the requests measured after warm-up; counts are in `report.json`."]
+    if report.skipped:
+        lines += ["", "## Skipped", ""]
+        lines += [f"- **{what}**: {why}" for what, why in report.skipped.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: Report, out_dir: Path) -> tuple[Path, Path]:
+    json_path, md_path = out_dir / "report.json", out_dir / "report.md"
+    atomic_write_text(json_path, json.dumps(report.model_dump(mode="json"), indent=2) + "\n")
+    atomic_write_text(md_path, render_markdown(report))
+    return json_path, md_path
