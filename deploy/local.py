@@ -32,7 +32,9 @@ class LocalDeployment:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop_all()
 
     def start(self, spec: ServiceSpec) -> Endpoint:
@@ -45,9 +47,23 @@ class LocalDeployment:
         write_model(spec_path, spec)
         log = run_dir / "server.log"
         log.unlink(missing_ok=True)
-        env = dict(os.environ, OPTISERVE_SERVICE_SPEC=str(spec_path.resolve()), BENTOML_DO_NOT_TRACK="true",
-                   PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-        cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE_IMPORT, "--host", spec.host, "--port", str(port)]
+        env = dict(
+            os.environ,
+            OPTISERVE_SERVICE_SPEC=str(spec_path.resolve()),
+            BENTOML_DO_NOT_TRACK="true",
+            PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "serve",
+            SERVICE_IMPORT,
+            "--host",
+            spec.host,
+            "--port",
+            str(port),
+        ]
         proc = spawn(cmd, log=log, env=env, cwd=run_dir)
         self._procs[name] = proc
         url = f"http://{spec.host}:{port}"
@@ -61,7 +77,9 @@ class LocalDeployment:
             while time.monotonic() < deadline:
                 if proc.poll() is not None:  # type: ignore[attr-defined]
                     self.stop(name)
-                    raise ServingError(f"server for {name} exited during start-up; last lines of {log}:\n{tail(log)}")
+                    raise ServingError(
+                        f"server for {name} exited during start-up; last lines of {log}:\n{tail(log)}"
+                    )
                 try:
                     if client.get(f"{url}/readyz").status_code == 200:
                         return
@@ -69,7 +87,9 @@ class LocalDeployment:
                     pass
                 time.sleep(0.25)
         self.stop(name)
-        raise ServingError(f"server for {name} not ready after {self.ready_timeout_s:.0f}s; see {log}:\n{tail(log)}")
+        raise ServingError(
+            f"server for {name} not ready after {self.ready_timeout_s:.0f}s; see {log}:\n{tail(log)}"
+        )
 
     def stop(self, name: str) -> None:
         proc = self._procs.pop(name, None)

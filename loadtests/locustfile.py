@@ -17,17 +17,20 @@ import time
 
 from locust import FastHttpUser, constant, events, task
 
-PAYLOADS = [line for line in open(os.environ["OPTISERVE_PAYLOADS"], "rb").read().splitlines() if line.strip()]
+with open(os.environ["OPTISERVE_PAYLOADS"], "rb") as _fh:
+    PAYLOADS = [line for line in _fh.read().splitlines() if line.strip()]
 PATH = os.environ.get("OPTISERVE_PATH", "/predict")
 SAMPLES_FILE = os.environ["OPTISERVE_SAMPLES"]
 HEADERS = {"content-type": "application/json"}
 
 _samples: list[tuple[float, float, int, str]] = []
-_bodies = itertools.cycle(PAYLOADS)
+_bodies = itertools.cycle(PAYLOADS)  # bytes: sent as-is
 
 
 @events.request.add_listener
-def _record(request_type, name, response_time, response_length, response=None, exception=None, start_time=None, **kw):  # type: ignore[no-untyped-def]
+def _record(  # type: ignore[no-untyped-def]
+    request_type, name, response_time, response_length, response=None, exception=None, start_time=None, **kw
+):
     start = start_time if start_time is not None else time.time() - response_time / 1000.0
     if exception is None:
         _samples.append((start, float(response_time), 1, ""))
@@ -56,6 +59,7 @@ class ClosedLoopUser(FastHttpUser):
 
     @task
     def predict(self) -> None:
-        with self.client.post(PATH, data=next(_bodies), headers=HEADERS, catch_response=True) as resp:
+        body = next(_bodies)
+        with self.client.post(PATH, data=body, headers=HEADERS, catch_response=True) as resp:  # type: ignore[arg-type]
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}")

@@ -29,7 +29,9 @@ def write_payloads(path: Path, samples: np.ndarray, limit: int = 8) -> Path:
     return path
 
 
-def run_level(endpoint: Endpoint, load: LoadSpec, payloads: Path, out_dir: Path, *, user_class: str) -> BenchResult:
+def run_level(
+    endpoint: Endpoint, load: LoadSpec, payloads: Path, out_dir: Path, *, user_class: str
+) -> BenchResult:
     variant = endpoint.service.variant
     stem = f"{variant.id}.{endpoint.service.runtime}.{load.scenario}.u{load.users}"
     samples_path = out_dir / f"{stem}.samples.csv"
@@ -39,13 +41,36 @@ def run_level(endpoint: Endpoint, load: LoadSpec, payloads: Path, out_dir: Path,
     log.unlink(missing_ok=True)
     run_time = load.warmup_s + load.duration_s
     cmd = [
-        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), user_class,
-        "--headless", "--host", endpoint.url, "--users", str(load.users), "--spawn-rate", str(max(load.users, 1)),
-        "--run-time", f"{max(1, round(run_time))}s", "--stop-timeout", "10", "--only-summary",
-        "--exit-code-on-error", "0", "--loglevel", "WARNING",
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        user_class,
+        "--headless",
+        "--host",
+        endpoint.url,
+        "--users",
+        str(load.users),
+        "--spawn-rate",
+        str(max(load.users, 1)),
+        "--run-time",
+        f"{max(1, round(run_time))}s",
+        "--stop-timeout",
+        "10",
+        "--only-summary",
+        "--exit-code-on-error",
+        "0",
+        "--loglevel",
+        "WARNING",
     ]
-    env = dict(os.environ, OPTISERVE_PAYLOADS=str(payloads), OPTISERVE_SAMPLES=str(samples_path),
-               OPTISERVE_PATH="/predict", PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        OPTISERVE_PAYLOADS=str(payloads),
+        OPTISERVE_SAMPLES=str(samples_path),
+        OPTISERVE_PATH="/predict",
+        PYTHONUNBUFFERED="1",
+    )
     started = dt.datetime.now(dt.UTC)
     proc = spawn(cmd, log=log, env=env)
     try:
@@ -59,7 +84,9 @@ def run_level(endpoint: Endpoint, load: LoadSpec, payloads: Path, out_dir: Path,
     window = measured_window(read_samples(samples_path), load.warmup_s)
     n = len(window.samples)
     if n == 0:
-        raise LoadTestError(f"no request finished after the {load.warmup_s:.0f}s warm-up for {stem}; see {log}")
+        raise LoadTestError(
+            f"no request finished after the {load.warmup_s:.0f}s warm-up for {stem}; see {log}"
+        )
     return BenchResult(
         variant_id=variant.id,
         runtime=endpoint.service.runtime,

@@ -66,8 +66,12 @@ def measured_window(samples: Samples, warmup_s: float) -> Window:
         return Window(samples, 0.0)
     t0 = float(samples.start_s.min()) + warmup_s
     keep = samples.start_s >= t0
-    kept = Samples(samples.start_s[keep], samples.latency_ms[keep], samples.ok[keep],
-                   [e for e, k in zip(samples.error, keep, strict=True) if k])
+    kept = Samples(
+        samples.start_s[keep],
+        samples.latency_ms[keep],
+        samples.ok[keep],
+        [e for e, k in zip(samples.error, keep, strict=True) if k],
+    )
     if len(kept) == 0:
         return Window(kept, 0.0)
     end = float((kept.start_s + kept.latency_ms / 1000.0).max())
@@ -79,6 +83,11 @@ def latency_stats(latency_ms: np.ndarray) -> LatencyStats | None:
         return None
     p50, p90, p95, p99 = np.percentile(latency_ms, [50, 90, 95, 99])
     return LatencyStats(
-        n=int(latency_ms.size), mean=float(latency_ms.mean()), p50=float(p50), p90=float(p90), p95=float(p95),
-        p99=float(p99), max=float(latency_ms.max()),
+        n=int(latency_ms.size),
+        mean=float(latency_ms.mean()),
+        p50=float(p50),
+        p90=float(p90),
+        p95=float(p95),
+        p99=float(p99),
+        max=float(latency_ms.max()),
     )

@@ -7,7 +7,7 @@ import io
 import logging
 import warnings
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from optiserve.artifacts import ONNX_MODEL, load_torch_variant, parameter_count
 from optiserve.errors import OptimizationError
@@ -35,7 +35,6 @@ class OnnxExport(Optimizer):
     config: OnnxExportConfig
 
     def produce(self, parent: Variant, parent_dir: Path, out_dir: Path) -> Produced:
-        import numpy as np
         import torch
 
         module = load_torch_variant(parent, parent_dir)
@@ -47,10 +46,14 @@ class OnnxExport(Optimizer):
         path = out_dir / ONNX_MODEL
         self._export(module, example, path, spec.name, out_name)
         self._check(module, path, spec.sample_shape)
-        return Produced(format="onnx", precision="fp32", artifacts={"model": ONNX_MODEL},
-                        parameters=parameter_count(module))
+        return Produced(
+            format="onnx",
+            precision="fp32",
+            artifacts={"model": ONNX_MODEL},
+            parameters=parameter_count(module),
+        )
 
-    def _export(self, module: object, example: object, path: Path, in_name: str, out_name: str) -> None:
+    def _export(self, module: Any, example: Any, path: Path, in_name: str, out_name: str) -> None:
         import torch
 
         noise = io.StringIO()
@@ -60,14 +63,26 @@ class OnnxExport(Optimizer):
                 if self.config.exporter == "dynamo":
                     batch = torch.export.Dim("batch", min=1, max=4096)
                     torch.onnx.export(
-                        module, (example,), str(path), input_names=[in_name], output_names=[out_name],
-                        opset_version=self.config.opset, dynamo=True, dynamic_shapes=({0: batch},),
-                        external_data=False, verbose=False,
+                        module,
+                        (example,),
+                        str(path),
+                        input_names=[in_name],
+                        output_names=[out_name],
+                        opset_version=self.config.opset,
+                        dynamo=True,
+                        dynamic_shapes=({0: batch},),
+                        external_data=False,
+                        verbose=False,
                     )
                 else:
                     torch.onnx.export(
-                        module, (example,), str(path), input_names=[in_name], output_names=[out_name],
-                        opset_version=min(self.config.opset, 17), dynamo=False,
+                        module,
+                        (example,),
+                        str(path),
+                        input_names=[in_name],
+                        output_names=[out_name],
+                        opset_version=min(self.config.opset, 17),
+                        dynamo=False,
                         dynamic_axes={in_name: {0: "batch"}, out_name: {0: "batch"}},
                     )
         except Exception as e:
@@ -87,11 +102,14 @@ class OnnxExport(Optimizer):
                 expected = module(torch.from_numpy(x)).numpy()  # type: ignore[operator]
             got = session.run(None, {name: x})[0]
             if got.shape != expected.shape:
-                raise OptimizationError(f"ONNX output shape {got.shape} != torch {expected.shape} at batch {batch}")
+                raise OptimizationError(
+                    f"ONNX output shape {got.shape} != torch {expected.shape} at batch {batch}"
+                )
             diff = float(np.abs(got - expected).max())
             if not diff <= self.config.atol:
                 raise OptimizationError(
-                    f"ONNX output differs from torch by {diff:.2e} at batch {batch} (allowed {self.config.atol:.0e})"
+                    f"ONNX output differs from torch by {diff:.2e} at batch {batch} "
+                    f"(allowed {self.config.atol:.0e})"
                 )
 
 

@@ -33,7 +33,9 @@ def materialize_source(spec: ModelSpec, workdir: Path) -> Variant:
             module = build_torch_module(spec)
             save_torch_weights(module, scratch / rel)
             parameters = parameter_count(module)
-        vid = variant_id(spec.name, [fmt], {"model": spec.model_dump(mode="json"), "sha256": sha256_file(scratch / rel)})
+        vid = variant_id(
+            spec.name, [fmt], {"model": spec.model_dump(mode="json"), "sha256": sha256_file(scratch / rel)}
+        )
         final = variant_dir(workdir, vid)
         if final.exists():
             try:

@@ -35,15 +35,27 @@ app = typer.Typer(
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)  # stdout: tables and results
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="Experiment YAML file (optional; flags override it).")]
-ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Built-in name, path to .onnx, or module:callable.")]
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", "-m", help="Built-in name, path to .onnx, or module:callable.")
+]
 WorkdirOpt = Annotated[Path | None, typer.Option("--workdir", "-w", help="Where variants and results go.")]
-ConcurrencyOpt = Annotated[str | None, typer.Option("--concurrency", "-c", help="Closed-loop users, comma-separated: 1,4,8.")]
+ConcurrencyOpt = Annotated[
+    str | None, typer.Option("--concurrency", "-c", help="Closed-loop users, comma-separated: 1,4,8.")
+]
 DurationOpt = Annotated[float | None, typer.Option("--duration", help="Measured seconds per load level.")]
 WarmupOpt = Annotated[float | None, typer.Option("--warmup", help="Warm-up seconds per level (discarded).")]
-RuntimeOpt = Annotated[list[str] | None, typer.Option("--runtime", "-r", help="Only these runtimes (repeatable).")]
-OptimizerOpt = Annotated[list[str] | None, typer.Option("--optimizer", "-o", help="Optimizers to apply (repeatable).")]
-EvalOpt = Annotated[int | None, typer.Option("--eval-samples", help="Held-out samples for the accuracy check.")]
-InputShapeOpt = Annotated[str | None, typer.Option("--input-shape", help="Per-sample shape for module:callable: 3,224,224.")]
+RuntimeOpt = Annotated[
+    list[str] | None, typer.Option("--runtime", "-r", help="Only these runtimes (repeatable).")
+]
+OptimizerOpt = Annotated[
+    list[str] | None, typer.Option("--optimizer", "-o", help="Optimizers to apply (repeatable).")
+]
+EvalOpt = Annotated[
+    int | None, typer.Option("--eval-samples", help="Held-out samples for the accuracy check.")
+]
+InputShapeOpt = Annotated[
+    str | None, typer.Option("--input-shape", help="Per-sample shape for module:callable: 3,224,224.")
+]
 
 
 def _ints(text: str | None, what: str) -> list[int] | None:
@@ -105,20 +117,34 @@ def run(
     from optiserve import pipeline
     from optiserve.report import build_report, render_table, write_report
 
-    cfg = _config(config, model=model, workdir=workdir, concurrency=concurrency, duration=duration, warmup=warmup,
-                  runtimes=runtime, optimizers=optimizer, eval_samples=eval_samples, input_shape=input_shape)
+    cfg = _config(
+        config,
+        model=model,
+        workdir=workdir,
+        concurrency=concurrency,
+        duration=duration,
+        warmup=warmup,
+        runtimes=runtime,
+        optimizers=optimizer,
+        eval_samples=eval_samples,
+        input_shape=input_shape,
+    )
     steps = Steps()
     spec = pipeline.resolve(cfg)
     _check_plugins(cfg)
     variants, skipped = pipeline.optimize(cfg, spec, steps)
     plan = pipeline.plan(cfg, spec, variants, skipped)
     if not plan.pairs:
-        raise OptiserveError("no variant can be served by an available runtime", hint="see `optiserve doctor`")
+        raise OptiserveError(
+            "no variant can be served by an available runtime", hint="see `optiserve doctor`"
+        )
     run_dir = pipeline.new_run_dir(cfg.workdir)
     _write_json(run_dir / "skipped.json", plan.skipped)
     evaluations = pipeline.evaluate(cfg, plan, run_dir, steps)
     results = pipeline.bench(cfg, plan, run_dir, steps)
-    report = build_report(spec.name, {v.id: v for v in variants}, results, list(evaluations.values()), plan.skipped)
+    report = build_report(
+        spec.name, {v.id: v for v in variants}, results, list(evaluations.values()), plan.skipped
+    )
     json_path, md_path = write_report(report, run_dir)
     out.print(render_table(report))
     _print_skipped(plan.skipped)
@@ -147,8 +173,14 @@ def optimize(
     for col in ("variant", "chain", "format", "precision", "size", "parameters"):
         table.add_column(col)
     for v in variants:
-        table.add_row(v.id, v.chain, v.format, v.precision, f"{v.size_bytes / 1e6:.1f} MB",
-                      f"{v.parameters:,}" if v.parameters else "–")
+        table.add_row(
+            v.id,
+            v.chain,
+            v.format,
+            v.precision,
+            f"{v.size_bytes / 1e6:.1f} MB",
+            f"{v.parameters:,}" if v.parameters else "–",
+        )
     out.print(table)
     _print_skipped(skipped)
 
@@ -159,16 +191,21 @@ def serve(
     model: ModelOpt = None,
     workdir: WorkdirOpt = None,
     runtime: RuntimeOpt = None,
-    variant: Annotated[list[str] | None, typer.Option("--variant", "-v", help="Variant ids (default: all).")] = None,
-    port: Annotated[int | None, typer.Option("--port", help="Port of the first server (next ones count up).")] = None,
-    seconds: Annotated[float | None, typer.Option("--for", help="Stop after this many seconds (default: Ctrl-C).")] = None,
+    variant: Annotated[
+        list[str] | None, typer.Option("--variant", "-v", help="Variant ids (default: all).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option("--port", help="Port of the first server (next ones count up).")
+    ] = None,
+    seconds: Annotated[
+        float | None, typer.Option("--for", help="Stop after this many seconds (default: Ctrl-C).")
+    ] = None,
 ) -> None:
     """Serve variants that `optiserve optimize` produced, one `bentoml serve` process each, until Ctrl-C.
 
     Example: [bold]optiserve serve --model efficientnet-lite0 --runtime onnxruntime[/]
     then [bold]curl -s localhost:PORT/readyz[/]
     """
-    from optiserve import pipeline
     from optiserve.deploy.local import LocalDeployment
     from optiserve.manifest import variant_dir
     from optiserve.types import ServiceSpec
@@ -181,9 +218,14 @@ def serve(
             table.add_column(col)
         with Steps().task("Starting servers", total=len(p.pairs)) as advance:
             for i, (v, rt) in enumerate(p.pairs):
-                spec = ServiceSpec(variant=v, variant_dir=str(variant_dir(cfg.workdir, v.id).resolve()), runtime=rt,
-                                   batching=cfg.serving.batching, threads=cfg.serving.threads,
-                                   port=(port + i) if port else None)
+                spec = ServiceSpec(
+                    variant=v,
+                    variant_dir=str(variant_dir(cfg.workdir, v.id).resolve()),
+                    runtime=rt,
+                    batching=cfg.serving.batching,
+                    threads=cfg.serving.threads,
+                    port=(port + i) if port else None,
+                )
                 endpoint = deployment.start(spec)
                 table.add_row(v.id, rt, f"{endpoint.url}/predict")
                 advance()
@@ -202,7 +244,9 @@ def bench(
     duration: DurationOpt = None,
     warmup: WarmupOpt = None,
     runtime: RuntimeOpt = None,
-    variant: Annotated[list[str] | None, typer.Option("--variant", "-v", help="Variant ids (default: all).")] = None,
+    variant: Annotated[
+        list[str] | None, typer.Option("--variant", "-v", help="Variant ids (default: all).")
+    ] = None,
 ) -> None:
     """Load-test variants that already exist (serve each, drive it with Locust) and write a report.
 
@@ -211,8 +255,15 @@ def bench(
     from optiserve import pipeline
     from optiserve.report import build_report, render_table, write_report
 
-    cfg = _config(config, model=model, workdir=workdir, concurrency=concurrency, duration=duration, warmup=warmup,
-                  runtimes=runtime)
+    cfg = _config(
+        config,
+        model=model,
+        workdir=workdir,
+        concurrency=concurrency,
+        duration=duration,
+        warmup=warmup,
+        runtimes=runtime,
+    )
     p = _existing_plan(cfg, variant)
     run_dir = pipeline.new_run_dir(cfg.workdir)
     _write_json(run_dir / "skipped.json", p.skipped)
@@ -225,7 +276,9 @@ def bench(
 
 @app.command()
 def report(
-    run_dir: Annotated[Path | None, typer.Argument(help="A results folder (default: the latest in the workdir).")] = None,
+    run_dir: Annotated[
+        Path | None, typer.Argument(help="A results folder (default: the latest in the workdir).")
+    ] = None,
     workdir: WorkdirOpt = None,
 ) -> None:
     """Rebuild report.json and report.md from a run's result files, and print the table.
@@ -237,7 +290,11 @@ def report(
 
     cfg = _config(None, workdir=workdir)
     if run_dir is None:
-        runs = sorted(p for p in (cfg.workdir / "results").glob("*") if p.is_dir()) if (cfg.workdir / "results").is_dir() else []
+        runs = (
+            sorted(p for p in (cfg.workdir / "results").glob("*") if p.is_dir())
+            if (cfg.workdir / "results").is_dir()
+            else []
+        )
         if not runs:
             raise ConfigError(f"no runs in {cfg.workdir / 'results'}", hint="run `optiserve run` first")
         run_dir = runs[-1]
@@ -316,10 +373,14 @@ def _existing_plan(cfg: ExperimentConfig, variant_ids: list[str] | None) -> Any:
             raise ConfigError(f"unknown variant {unknown[0]!r} in {cfg.workdir}; known: {known}")
         variants = [v for v in variants if v.id in variant_ids]
     if not variants:
-        raise ConfigError(f"no variants of {spec.name} in {cfg.workdir}", hint="run `optiserve optimize` first")
+        raise ConfigError(
+            f"no variants of {spec.name} in {cfg.workdir}", hint="run `optiserve optimize` first"
+        )
     p = pipeline.plan(cfg, spec, variants, {})
     if not p.pairs:
-        raise OptiserveError("no variant can be served by an available runtime", hint="see `optiserve doctor`")
+        raise OptiserveError(
+            "no variant can be served by an available runtime", hint="see `optiserve doctor`"
+        )
     return p
 
 

@@ -66,7 +66,7 @@ class ExperimentConfig(Strict):
     eval: EvalConfig = EvalConfig()
 
 
-def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
+def _describe(error: Any, model: type[BaseModel]) -> str:
     loc = [str(p) for p in error["loc"]]
     where = ".".join(loc) or "(top level)"
     if error["type"] == "extra_forbidden":

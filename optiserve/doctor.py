@@ -18,7 +18,12 @@ def plugin_rows() -> list[Row]:
     from optiserve.services.runtimes.base import Runtime
 
     rows: list[Row] = []
-    for kind, base in (("model", BuiltinModel), ("optimizer", Optimizer), ("runtime", Runtime), ("scenario", Scenario)):
+    for kind, base in (
+        ("model", BuiltinModel),
+        ("optimizer", Optimizer),
+        ("runtime", Runtime),
+        ("scenario", Scenario),
+    ):
         for name, cls in base.registry().items():
             avail = cls.availability()
             rows.append((kind, name, avail.ok, cls.description if avail.ok else avail.reason))
@@ -40,8 +45,13 @@ def _cluster() -> Row:
     if kubectl is None:
         return ("tool", "kubernetes", False, "kubectl is not on PATH")
     try:
-        done = subprocess.run([kubectl, "cluster-info", "--request-timeout=3s"], capture_output=True, text=True,
-                              timeout=10, check=False)
+        done = subprocess.run(
+            [kubectl, "cluster-info", "--request-timeout=3s"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return ("tool", "kubernetes", False, f"kubectl cluster-info failed: {e}")
     if done.returncode != 0:

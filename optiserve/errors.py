@@ -8,9 +8,9 @@ code the CLI returns and the HTTP status a service answers with::
     ├── ConfigError                     exit 2, HTTP 400  bad flags, bad YAML, misspelt keys, wrong types
     ├── ModelError                      exit 3            unknown built-in, missing or unreadable model file
     ├── ArtifactError                   exit 4            missing, corrupted or hand-edited artifact/manifest
-    ├── PluginUnavailable               exit 5            an optimizer/runtime/scenario whose package is missing
-    ├── OptimizationError               exit 6            an optimizer failed on this model (e.g. unsupported op)
-    ├── ServingError                    exit 7            a server did not start, crashed or never became ready
+    ├── PluginUnavailable               exit 5            a plugin whose package is missing
+    ├── OptimizationError               exit 6            an optimizer failed on this model
+    ├── ServingError                    exit 7            a server did not start or became ready
     ├── LoadTestError                   exit 8            the load generator failed or produced no samples
     ├── InputValidationError            exit 2, HTTP 400  a request that does not match the input spec
     └── Interrupted                     exit 130          Ctrl-C / SIGTERM: everything was stopped cleanly

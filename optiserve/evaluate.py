@@ -17,21 +17,42 @@ from optiserve.types import Evaluation, ThreadSpec, Variant
 
 
 def run_batches(runtime: Runtime, inputs: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    outs = [runtime.infer(np.ascontiguousarray(inputs[i : i + batch_size])) for i in range(0, len(inputs), batch_size)]
+    outs = [
+        runtime.infer(np.ascontiguousarray(inputs[i : i + batch_size]))
+        for i in range(0, len(inputs), batch_size)
+    ]
     return np.concatenate(outs, axis=0)
 
 
-def outputs_of(variant: Variant, runtime_name: str, workdir: Path, inputs: np.ndarray, threads: ThreadSpec) -> np.ndarray:
+def outputs_of(
+    variant: Variant, runtime_name: str, workdir: Path, inputs: np.ndarray, threads: ThreadSpec
+) -> np.ndarray:
     runtime = Runtime.get(runtime_name)(variant, variant_dir(workdir, variant.id), threads)
     runtime.load()
     return run_batches(runtime, inputs)
 
 
-def compare(variant: Variant, runtime: str, reference: Variant, ref_out: np.ndarray, out: np.ndarray) -> Evaluation:
+def compare(
+    variant: Variant, runtime: str, reference: Variant, ref_out: np.ndarray, out: np.ndarray
+) -> Evaluation:
     diff = float(np.abs(out.astype(np.float64) - ref_out.astype(np.float64)).max())
     if ref_out.ndim == 2 and ref_out.shape[1] > 1:
         agreement = float((out.argmax(axis=1) == ref_out.argmax(axis=1)).mean())
-        return Evaluation(variant_id=variant.id, runtime=runtime, reference_variant_id=reference.id,
-                          metric="top1_agreement", value=agreement, n_samples=len(out), max_abs_diff=diff)
-    return Evaluation(variant_id=variant.id, runtime=runtime, reference_variant_id=reference.id,
-                      metric="max_abs_diff", value=diff, n_samples=len(out), max_abs_diff=diff)
+        return Evaluation(
+            variant_id=variant.id,
+            runtime=runtime,
+            reference_variant_id=reference.id,
+            metric="top1_agreement",
+            value=agreement,
+            n_samples=len(out),
+            max_abs_diff=diff,
+        )
+    return Evaluation(
+        variant_id=variant.id,
+        runtime=runtime,
+        reference_variant_id=reference.id,
+        metric="max_abs_diff",
+        value=diff,
+        n_samples=len(out),
+        max_abs_diff=diff,
+    )

@@ -31,8 +31,9 @@ def resolve(config: ExperimentConfig) -> ModelSpec:
     from optiserve.models.resolve import resolve_model
 
     m = config.model
-    return resolve_model(m.ref, input_shape=m.input_shape, input_dtype=m.input_dtype, input_name=m.input_name,
-                         name=m.name)
+    return resolve_model(
+        m.ref, input_shape=m.input_shape, input_dtype=m.input_dtype, input_name=m.input_name, name=m.name
+    )
 
 
 def optimize(config: ExperimentConfig, spec: ModelSpec, steps: Steps) -> tuple[list[Variant], dict[str, str]]:
@@ -40,7 +41,9 @@ def optimize(config: ExperimentConfig, spec: ModelSpec, steps: Steps) -> tuple[l
     from optiserve.optimizers.base import Optimizer
     from optiserve.optimizers.source import materialize_source
 
-    optimizers = [Optimizer.get(entry.name)(entry.config) for entry in config.optimizers]  # bad names fail first
+    optimizers = [
+        Optimizer.get(entry.name)(entry.config) for entry in config.optimizers
+    ]  # bad names fail first
     skipped: dict[str, str] = {}
     with steps.task(f"Loading {spec.name}"):
         variants = [materialize_source(spec, config.workdir)]
@@ -89,7 +92,9 @@ def reference_pair(p: Plan) -> tuple[Variant, str]:
     return next(pair for pair in p.pairs if pair[0].id == source.id)
 
 
-def evaluate(config: ExperimentConfig, p: Plan, run_dir: Path, steps: Steps) -> dict[tuple[str, str], Evaluation]:
+def evaluate(
+    config: ExperimentConfig, p: Plan, run_dir: Path, steps: Steps
+) -> dict[tuple[str, str], Evaluation]:
     from optiserve.evaluate import compare, outputs_of
     from optiserve.models.resolve import dataset
 
@@ -100,8 +105,11 @@ def evaluate(config: ExperimentConfig, p: Plan, run_dir: Path, steps: Steps) -> 
     with steps.task(f"Evaluating on {description}", total=len(p.pairs)) as advance:
         ref_out = outputs_of(ref_variant, ref_runtime, config.workdir, inputs, threads)
         for variant, runtime in p.pairs:
-            out = ref_out if (variant.id, runtime) == (ref_variant.id, ref_runtime) else outputs_of(
-                variant, runtime, config.workdir, inputs, threads)
+            out = (
+                ref_out
+                if (variant.id, runtime) == (ref_variant.id, ref_runtime)
+                else outputs_of(variant, runtime, config.workdir, inputs, threads)
+            )
             ev = compare(variant, runtime, ref_variant, ref_out, out)
             evaluations[(variant.id, runtime)] = ev
             write_model(run_dir / "eval" / f"{variant.id}.{runtime}.json", ev)
@@ -119,26 +127,41 @@ def bench(config: ExperimentConfig, p: Plan, run_dir: Path, steps: Steps) -> lis
 
     scenario_cls = Scenario.get(config.load.scenario)
     scenario_cls.require_available()
-    scenario = scenario_cls(ClosedLoopConfig(  # type: ignore[call-arg]
-        concurrency=config.load.concurrency, duration_s=config.load.duration_s, warmup_s=config.load.warmup_s))
+    scenario = scenario_cls(
+        ClosedLoopConfig(  # type: ignore[call-arg]
+            concurrency=config.load.concurrency,
+            duration_s=config.load.duration_s,
+            warmup_s=config.load.warmup_s,
+        )
+    )
     levels = scenario.levels()
     inputs, _ = dataset(p.spec, "eval", config.load.payload_samples)
     payloads = write_payloads(run_dir / "payloads.jsonl", inputs, limit=config.load.payload_samples)
     results: list[BenchResult] = []
     total = len(p.pairs) * (len(levels) + 1)
-    with steps.task("Serving and load testing", total=total) as advance, LocalDeployment(
-        config.workdir, ready_timeout_s=config.serving.ready_timeout_s
-    ) as deployment:
+    with (
+        steps.task("Serving and load testing", total=total) as advance,
+        LocalDeployment(config.workdir, ready_timeout_s=config.serving.ready_timeout_s) as deployment,
+    ):
         for variant, runtime in p.pairs:
             name = f"{variant.id}.{runtime}"
             advance(0, description=f"Starting {name}")
-            spec = ServiceSpec(variant=variant, variant_dir=str(variant_dir(config.workdir, variant.id).resolve()),
-                               runtime=runtime, batching=config.serving.batching, threads=config.serving.threads)
+            spec = ServiceSpec(
+                variant=variant,
+                variant_dir=str(variant_dir(config.workdir, variant.id).resolve()),
+                runtime=runtime,
+                batching=config.serving.batching,
+                threads=config.serving.threads,
+            )
             endpoint = deployment.start(spec)
             advance(1)
             for load in levels:
-                advance(0, description=f"{name}: {load.users} users for {load.warmup_s + load.duration_s:.0f}s")
-                result = run_level(endpoint, load, payloads, run_dir / "samples", user_class=scenario.user_class)
+                advance(
+                    0, description=f"{name}: {load.users} users for {load.warmup_s + load.duration_s:.0f}s"
+                )
+                result = run_level(
+                    endpoint, load, payloads, run_dir / "samples", user_class=scenario.user_class
+                )
                 write_model(run_dir / "bench" / f"{name}.{load.scenario}.u{load.users}.json", result)
                 results.append(result)
                 advance(1)

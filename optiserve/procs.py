@@ -32,7 +32,9 @@ def _die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
-def spawn(args: Sequence[str], *, log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+def spawn(
+    args: Sequence[str], *, log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
     log.parent.mkdir(parents=True, exist_ok=True)
     fh: IO[bytes] = log.open("ab")
     try:

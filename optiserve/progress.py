@@ -8,7 +8,14 @@ import time
 from collections.abc import Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 console = Console(stderr=True, highlight=False)
 
@@ -31,8 +38,17 @@ class Steps:
             yield _Advance(None, None)
             console.print(f"✓ {description} ({time.monotonic() - started:.1f}s)")
             return
-        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn()] if total else [SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn()]
+        columns = (
+            [
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+            ]
+            if total
+            else [SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn()]
+        )
         with Progress(*columns, console=console, transient=False) as progress:
             tid = progress.add_task(description, total=total)
             yield _Advance(progress, tid)

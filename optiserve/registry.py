@@ -84,7 +84,9 @@ class Plugin:
     def availability(cls) -> Availability:
         missing = [pkg for pkg in cls.requires if importlib.util.find_spec(pkg) is None]
         if missing:
-            hint = f"pip install 'optiserve[{cls.extra}]'" if cls.extra else f"pip install {' '.join(missing)}"
+            hint = (
+                f"pip install 'optiserve[{cls.extra}]'" if cls.extra else f"pip install {' '.join(missing)}"
+            )
             return Availability(False, f"missing {', '.join(missing)}: {hint}")
         if cls.needs_cuda:
             from optiserve.hardware import cuda_available

@@ -26,17 +26,23 @@ def build_report(
             keys.append(key)
     rows = []
     for vid, runtime in keys:
-        mine = sorted((r for r in results if (r.variant_id, r.runtime) == (vid, runtime)), key=lambda r: r.load.users)
+        mine = sorted(
+            (r for r in results if (r.variant_id, r.runtime) == (vid, runtime)), key=lambda r: r.load.users
+        )
         variant = variants.get(vid)
-        rows.append(ReportRow(
-            variant_id=vid,
-            runtime=runtime,
-            precision=variant.precision if variant else (mine[0].precision if mine else "fp32"),
-            size_bytes=variant.size_bytes if variant else 0,
-            accuracy=evals.get((vid, runtime)),
-            results=tuple(mine),
-        ))
-    return Report(created_at=dt.datetime.now(dt.UTC), model=model, rows=tuple(rows), skipped=dict(skipped or {}))
+        rows.append(
+            ReportRow(
+                variant_id=vid,
+                runtime=runtime,
+                precision=variant.precision if variant else (mine[0].precision if mine else "fp32"),
+                size_bytes=variant.size_bytes if variant else 0,
+                accuracy=evals.get((vid, runtime)),
+                results=tuple(mine),
+            )
+        )
+    return Report(
+        created_at=dt.datetime.now(dt.UTC), model=model, rows=tuple(rows), skipped=dict(skipped or {})
+    )
 
 
 def concurrencies(report: Report) -> list[int]:
@@ -72,9 +78,17 @@ def render_table(report: Report) -> Table:
     table.add_column("top-1 vs FP32", justify="right")
     levels = concurrencies(report)
     for users in levels:
-        table.add_column(f"{users} user{'s' if users > 1 else ''}: p50/p99 ms · req/s · errors", justify="right")
+        table.add_column(
+            f"{users} user{'s' if users > 1 else ''}: p50/p99 ms · req/s · errors", justify="right"
+        )
     for row in report.rows:
-        cells: list[str] = [row.variant_id, row.runtime, row.precision, _mb(row.size_bytes), _accuracy(row.accuracy)]
+        cells: list[str] = [
+            row.variant_id,
+            row.runtime,
+            row.precision,
+            _mb(row.size_bytes),
+            _accuracy(row.accuracy),
+        ]
         for users in levels:
             lat, rps, errs = _cells(row, users)
             cells.append(f"{lat} · {rps} · {errs}")
@@ -98,15 +112,27 @@ def render_markdown(report: Report) -> str:
         "|" + "---|" * len(head),
     ]
     for row in report.rows:
-        cells = [f"`{row.variant_id}`", row.runtime, row.precision, _mb(row.size_bytes), _accuracy(row.accuracy)]
+        cells = [
+            f"`{row.variant_id}`",
+            row.runtime,
+            row.precision,
+            _mb(row.size_bytes),
+            _accuracy(row.accuracy),
+        ]
         for users in levels:
             cells.extend(_cells(row, users))
         lines.append("| " + " | ".join(cells) + " |")
     sample_counts = [r for row in report.rows for r in row.results]
     if sample_counts:
         machine = sample_counts[0].machine
-        lines += ["", f"Machine: {machine.cpu_model}, {machine.logical_cpus} logical CPUs, {machine.memory_gib} GiB."]
-        lines += ["", "Each latency figure is over the requests measured after warm-up; counts are in `report.json`."]
+        lines += [
+            "",
+            f"Machine: {machine.cpu_model}, {machine.logical_cpus} logical CPUs, {machine.memory_gib} GiB.",
+        ]
+        lines += [
+            "",
+            "Each latency figure is over the requests measured after warm-up; counts are in `report.json`.",
+        ]
     if report.skipped:
         lines += ["", "## Skipped", ""]
         lines += [f"- **{what}**: {why}" for what, why in report.skipped.items()]

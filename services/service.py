@@ -58,7 +58,7 @@ class OptiserveService:
     def __is_ready__(self) -> bool:
         return bool(getattr(self, "ready", False))
 
-    @bentoml.api(
+    @bentoml.api(  # type: ignore[untyped-decorator]
         batchable=BATCHING.enabled,
         batch_dim=0,
         max_batch_size=BATCHING.max_batch_size,
@@ -67,5 +67,7 @@ class OptiserveService:
     def predict(self, inputs: Annotated[np.ndarray, DType(INPUT_DTYPE)]) -> np.ndarray:
         """A batch of the model's input (first axis = samples) → the model's first output."""
         if inputs.ndim != len(self.sample_shape) + 1 or tuple(inputs.shape[1:]) != self.sample_shape:
-            raise BadInput(f"expected shape (n, {', '.join(map(str, self.sample_shape))}), got {inputs.shape}")
+            raise BadInput(
+                f"expected shape (n, {', '.join(map(str, self.sample_shape))}), got {inputs.shape}"
+            )
         return self.runtime.infer(np.ascontiguousarray(inputs, dtype=INPUT_DTYPE))

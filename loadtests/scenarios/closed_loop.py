@@ -31,7 +31,12 @@ class ClosedLoop(Scenario):
 
     def levels(self) -> list[LoadSpec]:
         return [
-            LoadSpec(scenario=self.name, load_model="closed", users=n, duration_s=self.config.duration_s,
-                     warmup_s=self.config.warmup_s)
+            LoadSpec(
+                scenario=self.name,
+                load_model="closed",
+                users=n,
+                duration_s=self.config.duration_s,
+                warmup_s=self.config.warmup_s,
+            )
             for n in self.config.concurrency
         ]

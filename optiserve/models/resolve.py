@@ -67,7 +67,9 @@ def _onnx_spec(path: Path, name: str | None) -> ModelSpec:
     try:
         import onnx
     except ImportError as e:
-        raise ModelError("reading an ONNX model needs the onnx package", hint="pip install 'optiserve[onnx]'") from e
+        raise ModelError(
+            "reading an ONNX model needs the onnx package", hint="pip install 'optiserve[onnx]'"
+        ) from e
     try:
         proto = onnx.load(str(path), load_external_data=False)
         onnx.checker.check_model(proto)

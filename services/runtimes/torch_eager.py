@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from optiserve.artifacts import load_torch_variant
@@ -27,10 +28,9 @@ class TorchEager(Runtime):
         # Threads are process-wide in torch; the service runs one runtime per process.
         torch.set_num_threads(self.threads.intra_op)
         if torch.get_num_interop_threads() != self.threads.inter_op:
-            try:
+            # Settable once per process, before any parallel work; later calls keep the first value.
+            with contextlib.suppress(RuntimeError):
                 torch.set_num_interop_threads(self.threads.inter_op)
-            except RuntimeError:
-                pass  # can only be set once per process, before any parallel work
         self._module: Any = load_torch_variant(self.variant, self.variant_dir)
         self.ready = True
 
