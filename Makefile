@@ -1,0 +1,55 @@
+# optiserve: `make run` (the default model end to end) and `make test` (lint, types, the whole suite).
+# Both build .venv from scratch on a fresh machine; torch==2.13.0 (the local CPU build) goes in first so
+# nothing later pulls a multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+TORCH  := torch==2.13.0
+RUN_EXTRAS  := models,onnx,serve,load
+TEST_EXTRAS := $(RUN_EXTRAS),dev
+ARGS ?=
+PYTEST_ARGS ?= -q
+
+.PHONY: run test lint typecheck pytest venv clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(VENV)/.run-deps: pyproject.toml | $(PY)
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -e '.[$(RUN_EXTRAS)]'
+	touch $@
+
+$(VENV)/.test-deps: pyproject.toml $(VENV)/.run-deps
+	$(PIP) install --quiet -e '.[$(TEST_EXTRAS)]'
+	touch $@
+
+venv: $(VENV)/.test-deps
+
+## run: optimize → serve → load test → report on the built-in default model (efficientnet-lite0).
+run: $(VENV)/.run-deps
+	$(VENV)/bin/optiserve run $(ARGS)
+
+## test: format check, lint, mypy on optiserve/, then every test (pytest exit 5, "no tests", is not a failure).
+test: lint typecheck pytest
+
+lint: $(VENV)/.test-deps
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+# mypy cannot follow setuptools' editable-install import hook, so it checks a symlink tree laid out
+# the way the package is installed (optiserve/ with optimizers/, services/, ... inside it).
+typecheck: $(VENV)/.test-deps
+	rm -rf build/typecheck && mkdir -p build/typecheck
+	cp -rs "$(CURDIR)/optiserve" build/typecheck/optiserve
+	for d in optimizers services loadtests deploy; do cp -rs "$(CURDIR)/$$d" build/typecheck/optiserve/$$d; done
+	cd build/typecheck && "$(CURDIR)/$(VENV)/bin/mypy" --config-file "$(CURDIR)/pyproject.toml" -p optiserve
+
+pytest: $(VENV)/.test-deps
+	$(PY) -m pytest $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+clean:
+	rm -rf $(VENV) build optiserve-work .mypy_cache .ruff_cache .pytest_cache
