@@ -206,9 +206,8 @@ def serve(
     Example: [bold]optiserve serve --model efficientnet-lite0 --runtime onnxruntime[/]
     then [bold]curl -s localhost:PORT/readyz[/]
     """
+    from optiserve import pipeline
     from optiserve.deploy.local import LocalDeployment
-    from optiserve.manifest import variant_dir
-    from optiserve.types import ServiceSpec
 
     cfg = _config(config, model=model, workdir=workdir, runtimes=runtime)
     p = _existing_plan(cfg, variant)
@@ -218,15 +217,7 @@ def serve(
             table.add_column(col)
         with Steps().task("Starting servers", total=len(p.pairs)) as advance:
             for i, (v, rt) in enumerate(p.pairs):
-                spec = ServiceSpec(
-                    variant=v,
-                    variant_dir=str(variant_dir(cfg.workdir, v.id).resolve()),
-                    runtime=rt,
-                    batching=cfg.serving.batching,
-                    threads=cfg.serving.threads,
-                    port=(port + i) if port else None,
-                )
-                endpoint = deployment.start(spec)
+                endpoint = deployment.start(pipeline.service_spec(cfg, v, rt, (port + i) if port else None))
                 table.add_row(v.id, rt, f"{endpoint.url}/predict")
                 advance()
         out.print(table)

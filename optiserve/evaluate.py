@@ -16,20 +16,12 @@ from optiserve.services.runtimes.base import Runtime
 from optiserve.types import Evaluation, ThreadSpec, Variant
 
 
-def run_batches(runtime: Runtime, inputs: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    outs = [
-        runtime.infer(np.ascontiguousarray(inputs[i : i + batch_size]))
-        for i in range(0, len(inputs), batch_size)
-    ]
-    return np.concatenate(outs, axis=0)
-
-
 def outputs_of(
     variant: Variant, runtime_name: str, workdir: Path, inputs: np.ndarray, threads: ThreadSpec
 ) -> np.ndarray:
     runtime = Runtime.get(runtime_name)(variant, variant_dir(workdir, variant.id), threads)
     runtime.load()
-    return run_batches(runtime, inputs)
+    return runtime.infer_any(inputs, chunk=16)
 
 
 def compare(

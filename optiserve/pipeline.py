@@ -146,14 +146,7 @@ def bench(config: ExperimentConfig, p: Plan, run_dir: Path, steps: Steps) -> lis
         for variant, runtime in p.pairs:
             name = f"{variant.id}.{runtime}"
             advance(0, description=f"Starting {name}")
-            spec = ServiceSpec(
-                variant=variant,
-                variant_dir=str(variant_dir(config.workdir, variant.id).resolve()),
-                runtime=runtime,
-                batching=config.serving.batching,
-                threads=config.serving.threads,
-            )
-            endpoint = deployment.start(spec)
+            endpoint = deployment.start(service_spec(config, variant, runtime))
             advance(1)
             for load in levels:
                 advance(
@@ -167,6 +160,26 @@ def bench(config: ExperimentConfig, p: Plan, run_dir: Path, steps: Steps) -> lis
                 advance(1)
             deployment.stop(name)
     return results
+
+
+def service_spec(
+    config: ExperimentConfig, variant: Variant, runtime: str, port: int | None = None
+) -> ServiceSpec:
+    """The serving settings for one pair; a model exported with a fixed batch size caps the batcher."""
+    batching = config.serving.batching
+    fixed = variant.model.inputs[0].fixed_batch
+    if fixed == 1:  # BentoML's batcher needs max_batch_size >= 2: a batch-1 model is served unbatched
+        batching = batching.model_copy(update={"enabled": False})
+    elif fixed is not None and batching.max_batch_size > fixed:
+        batching = batching.model_copy(update={"max_batch_size": fixed})
+    return ServiceSpec(
+        variant=variant,
+        variant_dir=str(variant_dir(config.workdir, variant.id).resolve()),
+        runtime=runtime,
+        batching=batching,
+        threads=config.serving.threads,
+        port=port,
+    )
 
 
 def new_run_dir(workdir: Path) -> Path:

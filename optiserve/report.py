@@ -66,7 +66,10 @@ def _cells(row: ReportRow, users: int) -> tuple[str, str, str]:
 
 
 def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def render_table(report: Report) -> Table:

@@ -34,8 +34,13 @@ class TensorSpec(Frozen):
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        """Shape of one sample: the batch axis dropped, every other axis fixed."""
+        """Shape of one sample: the batch axis dropped (every other axis is fixed, see resolve_model)."""
         return tuple(int(d) for d in self.shape[1:] if d is not None)
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size a model was exported with when its batch axis is not dynamic, else None."""
+        return self.shape[0] if self.shape and self.shape[0] is not None else None
 
 
 class ModelSpec(Frozen):
@@ -100,7 +105,7 @@ class BatchingSpec(Frozen):
     """BentoML adaptive batching: the batcher never waits longer than max_latency_ms for a batch."""
 
     enabled: bool = True
-    max_batch_size: int = Field(default=8, ge=1, le=1024)
+    max_batch_size: int = Field(default=8, ge=2, le=1024)
     max_latency_ms: int = Field(default=10_000, ge=1)
 
 

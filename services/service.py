@@ -70,4 +70,4 @@ class OptiserveService:
             raise BadInput(
                 f"expected shape (n, {', '.join(map(str, self.sample_shape))}), got {inputs.shape}"
             )
-        return self.runtime.infer(np.ascontiguousarray(inputs, dtype=INPUT_DTYPE))
+        return self.runtime.infer_any(np.ascontiguousarray(inputs, dtype=INPUT_DTYPE))

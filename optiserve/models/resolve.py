@@ -40,7 +40,7 @@ def resolve_model(
         builtins[ref].require_available()
         return builtins[ref].spec()
     if ref.endswith(".onnx") or Path(ref).is_file() or "/" in ref:
-        return _onnx_spec(Path(ref), name)
+        return _onnx_spec(Path(ref), name, input_shape)
     if _CALLABLE.match(ref):
         if input_shape is None:
             raise ModelError(
@@ -59,7 +59,7 @@ def resolve_model(
     )
 
 
-def _onnx_spec(path: Path, name: str | None) -> ModelSpec:
+def _onnx_spec(path: Path, name: str | None, input_shape: tuple[int, ...] | None) -> ModelSpec:
     if not path.exists():
         raise ModelError(f"model file {path} does not exist")
     if not path.is_file():
@@ -81,6 +81,19 @@ def _onnx_spec(path: Path, name: str | None) -> ModelSpec:
     outputs = tuple(_tensor_spec(v, _ONNX_DTYPES) for v in proto.graph.output)
     if len(inputs) != 1:
         raise ModelError(f"{path} has {len(inputs)} inputs; optiserve serves single-input models for now")
+    inp = inputs[0]
+    if input_shape is not None:
+        if len(input_shape) != len(inp.shape) - 1:
+            raise ModelError(
+                f"input_shape {list(input_shape)} has {len(input_shape)} axes; {path.name}'s input "
+                f"{inp.name!r} has {len(inp.shape) - 1} besides the batch axis"
+            )
+        inputs = (inp.model_copy(update={"shape": (inp.shape[0], *input_shape)}),)
+    elif any(d is None for d in inp.shape[1:]):
+        raise ModelError(
+            f"{path.name}'s input {inp.name!r} has dynamic axes besides the batch axis "
+            f"({_show(inp.shape)}); give the per-sample shape with --input-shape"
+        )
     return ModelSpec(
         name=slug(name or path.stem),
         source="onnx",
@@ -95,10 +108,15 @@ def _tensor_spec(value: object, dtypes: dict[int, DType]) -> TensorSpec:
     ttype = value.type.tensor_type  # type: ignore[attr-defined]
     if ttype.elem_type not in dtypes:
         raise ModelError(f"ONNX tensor {value.name!r} has element type {ttype.elem_type}, not supported")  # type: ignore[attr-defined]
-    dims: list[int | None] = []
-    for i, d in enumerate(ttype.shape.dim):
-        dims.append(None if i == 0 or not d.HasField("dim_value") else int(d.dim_value))
+    # A named or missing dimension is dynamic; a fixed batch dimension is kept (it limits batching).
+    dims = [
+        int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None for d in ttype.shape.dim
+    ]
     return TensorSpec(name=value.name, dtype=dtypes[ttype.elem_type], shape=tuple(dims))  # type: ignore[attr-defined]
+
+
+def _show(shape: tuple[int | None, ...]) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
 
 
 def build_torch_module(spec: ModelSpec) -> torch.nn.Module:

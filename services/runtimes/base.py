@@ -40,6 +40,23 @@ class Runtime(Plugin, base=True, package="optiserve.services.runtimes"):
     def infer(self, batch: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def infer_any(self, batch: np.ndarray, chunk: int = 64) -> np.ndarray:
+        """Any number of samples: chunked, and zero-padded for models exported with a fixed batch size."""
+        import numpy as np
+
+        fixed = self.variant.model.inputs[0].fixed_batch
+        size = fixed or chunk
+        if len(batch) == size or (fixed is None and len(batch) <= size):
+            return self.infer(batch)
+        outs = []
+        for start in range(0, len(batch), size):
+            part = batch[start : start + size]
+            n = len(part)
+            if fixed is not None and n < fixed:
+                part = np.concatenate([part, np.zeros((fixed - n, *part.shape[1:]), dtype=part.dtype)])
+            outs.append(self.infer(np.ascontiguousarray(part))[:n])
+        return np.concatenate(outs, axis=0)
+
     @property
     def label(self) -> str:
         """How the variant is shown: ``<runtime>-<precision>``, e.g. ``onnxruntime-fp32``."""
