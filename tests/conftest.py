@@ -1,0 +1,197 @@
+"""Shared fixtures: a tiny MLP (as a torch callable and as a hand-built ONNX file), its source variants,
+a real `bentoml serve` process for the ONNX variant, and helpers to run the CLI and find processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import psutil
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from optiserve.deploy.local import LocalDeployment
+from optiserve.manifest import variant_dir
+from optiserve.models.resolve import resolve_model
+from optiserve.optimizers.source import materialize_source
+from optiserve.types import Endpoint, ServiceSpec, Variant
+from tests.tiny_models import N_IN, mlp
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MLP_CALLABLE = "tests.tiny_models:mlp"
+
+
+# --- the CLI ------------------------------------------------------------------------------------------
+
+
+def cli_env() -> dict[str, str]:
+    """The environment for CLI subprocesses: the repo root on PYTHONPATH so `tests.tiny_models` imports."""
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, BENTOML_DO_NOT_TRACK="true")
+
+
+def cli_command(*args: object) -> list[str]:
+    return [sys.executable, "-m", "optiserve.cli", *map(str, args)]
+
+
+def run_cli(*args: object, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``optiserve ARGS`` as a real subprocess and return what it did."""
+    return subprocess.run(
+        cli_command(*args),
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+# --- processes ------------------------------------------------------------------------------------------
+
+
+def processes_mentioning(*needles: str) -> list[psutil.Process]:
+    """Live processes (not this one) whose command line, cwd or OPTISERVE_* environment contains a needle.
+
+    The cwd and environment matter: BentoML's workers are started without the port or the workdir on
+    their command line, but they run in the service's folder with ``OPTISERVE_SERVICE_SPEC`` set.
+    """
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "cwd", "status"]):
+        if proc.pid == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        text = " ".join(proc.info["cmdline"] or []) + " " + (proc.info["cwd"] or "")
+        try:
+            env = proc.environ()
+        except (psutil.Error, OSError):
+            env = {}
+        text += " " + " ".join(v for k, v in env.items() if k.startswith("OPTISERVE_"))
+        if any(needle in text for needle in needles):
+            found.append(proc)
+    return found
+
+
+def service_needles(workdir: Path, port: int) -> tuple[str, ...]:
+    """What identifies the servers and load generators of one workdir/port."""
+    return (str(workdir.resolve()), f"--port {port}", f"127.0.0.1:{port}")
+
+
+def wait_until_gone(needles: tuple[str, ...], timeout: float = 10.0) -> list[psutil.Process]:
+    """Processes still matching after ``timeout`` seconds (an exiting process may take a moment)."""
+    deadline = time.monotonic() + timeout
+    left = processes_mentioning(*needles)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = processes_mentioning(*needles)
+    return left
+
+
+def describe(procs: list[psutil.Process]) -> str:
+    lines = []
+    for p in procs:
+        try:
+            lines.append(f"{p.pid}: {' '.join(p.cmdline())}")
+        except psutil.Error:
+            lines.append(f"{p.pid}: (gone)")
+    return "\n".join(lines)
+
+
+# --- the tiny model -----------------------------------------------------------------------------------
+
+
+def torch_reference(x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return mlp()(torch.from_numpy(x)).numpy()  # type: ignore[no-any-return]
+
+
+def random_inputs(batch: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, N_IN)).astype(np.float32)
+
+
+def write_mlp_onnx(path: Path) -> Path:
+    """The weights of ``mlp()`` as a hand-built ONNX graph (Gemm → Relu → Gemm), batch axis dynamic.
+
+    Built with onnx.helper rather than an exporter, so the fixture does not depend on the code under test.
+    """
+    first, _, second = mlp()
+    weights = [
+        numpy_helper.from_array(t.detach().numpy(), name)
+        for t, name in (
+            (first.weight, "w1"),
+            (first.bias, "b1"),
+            (second.weight, "w2"),
+            (second.bias, "b2"),
+        )
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["input", "w1", "b1"], ["h"], transB=1),
+            helper.make_node("Relu", ["h"], ["hr"]),
+            helper.make_node("Gemm", ["hr", "w2", "b2"], ["logits"], transB=1),
+        ],
+        "mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", N_IN])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", second.out_features])],
+        initializer=weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def mlp_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_mlp_onnx(tmp_path_factory.mktemp("model") / "mlp.onnx")
+
+
+@pytest.fixture(scope="session")
+def variants_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One workdir for the session's shared variants (tests that modify a variant copy it first)."""
+    return tmp_path_factory.mktemp("work")
+
+
+@pytest.fixture(scope="session")
+def onnx_source(mlp_onnx: Path, variants_workdir: Path) -> Variant:
+    """The source variant of the ONNX file."""
+    return materialize_source(resolve_model(str(mlp_onnx)), variants_workdir)
+
+
+@pytest.fixture(scope="session")
+def torch_source(variants_workdir: Path) -> Variant:
+    """The source variant of the torch callable ``tests.tiny_models:mlp``."""
+    return materialize_source(resolve_model(MLP_CALLABLE, input_shape=(N_IN,)), variants_workdir)
+
+
+@pytest.fixture(scope="session")
+def variants_by_format(onnx_source: Variant, torch_source: Variant) -> dict[str, Variant]:
+    """A variant of the same weights in each artifact format the tiny model has."""
+    return {"onnx": onnx_source, "torch": torch_source}
+
+
+# --- a real server --------------------------------------------------------------------------------------
+
+
+def service_spec(variant: Variant, workdir: Path, runtime: str) -> ServiceSpec:
+    return ServiceSpec(
+        variant=variant, variant_dir=str(variant_dir(workdir, variant.id).resolve()), runtime=runtime
+    )
+
+
+@pytest.fixture(scope="session")
+def mlp_endpoint(onnx_source: Variant, variants_workdir: Path) -> Iterator[Endpoint]:
+    """A real `bentoml serve` process for the ONNX MLP on onnxruntime, for the whole session."""
+    with LocalDeployment(variants_workdir, ready_timeout_s=120) as deployment:
+        yield deployment.start(service_spec(onnx_source, variants_workdir, "onnxruntime"))

@@ -1,0 +1,99 @@
+"""Every registered optimizer, applied to the tiny model: verified artifacts, torch-equal outputs, caching."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from optiserve.errors import ConfigError
+from optiserve.manifest import load_variant, variant_dir
+from optiserve.optimizers.base import Optimizer
+from optiserve.optimizers.onnx_export import OnnxExport
+from optiserve.services.runtimes.base import runtimes_for
+from optiserve.types import Variant
+from tests.conftest import random_inputs, torch_reference
+
+
+def parent_for(optimizer: Optimizer, variants_by_format: dict[str, Variant]) -> Variant:
+    parents = [v for v in variants_by_format.values() if optimizer.accepts(v)]
+    assert parents, f"{optimizer.name} accepts none of the tiny model's formats {list(variants_by_format)}"
+    return parents[0]
+
+
+@pytest.fixture(scope="module", params=sorted(Optimizer.registry()))
+def optimized(
+    request: pytest.FixtureRequest, variants_by_format: dict[str, Variant], variants_workdir: Path
+) -> tuple[Optimizer, Variant, Variant]:
+    """(optimizer, parent, child): each optimizer applied once to a source variant of the tiny model."""
+    cls = Optimizer.get(request.param)
+    if cls.needs_cuda and not cls.availability().ok:
+        pytest.skip(f"{cls.name}: {cls.availability().reason}")
+    optimizer = cls()
+    parent = parent_for(optimizer, variants_by_format)
+    return optimizer, parent, optimizer.apply(parent, variants_workdir)
+
+
+def test_child_manifest_and_artifacts_verify(
+    optimized: tuple[Optimizer, Variant, Variant], variants_workdir: Path
+) -> None:
+    optimizer, parent, child = optimized
+    assert child.parent_id == parent.id
+    assert child.steps[-1].optimizer == optimizer.name
+    assert child.id == optimizer.child_id(parent)
+    assert load_variant(variant_dir(variants_workdir, child.id)) == child  # checks every sha256
+
+
+def test_child_outputs_match_torch(
+    optimized: tuple[Optimizer, Variant, Variant], variants_workdir: Path
+) -> None:
+    _, _, child = optimized
+    runtimes = [rt for rt in runtimes_for(child) if rt.availability().ok]
+    assert runtimes, f"no available runtime serves {child.format}"
+    x = random_inputs(9, seed=3)
+    for runtime_cls in runtimes:
+        runtime = runtime_cls(child, variant_dir(variants_workdir, child.id))
+        runtime.load()
+        np.testing.assert_allclose(runtime.infer(x), torch_reference(x), atol=1e-4, rtol=1e-4)
+
+
+def test_reapplying_returns_the_cached_variant(
+    optimized: tuple[Optimizer, Variant, Variant], variants_workdir: Path
+) -> None:
+    optimizer, parent, child = optimized
+    folder = variant_dir(variants_workdir, child.id)
+    mtimes = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
+    again = type(optimizer)().apply(parent, variants_workdir)
+    assert again == child  # same id, and created_at proves it was not rebuilt
+    assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == mtimes
+
+
+def test_a_corrupted_cached_variant_is_rebuilt(
+    optimized: tuple[Optimizer, Variant, Variant], variants_workdir: Path
+) -> None:
+    optimizer, parent, child = optimized
+    artifact = variant_dir(variants_workdir, child.id) / next(iter(child.artifacts.values())).path
+    artifact.write_bytes(b"corrupted")
+    rebuilt = type(optimizer)().apply(parent, variants_workdir)
+    assert rebuilt.id == child.id
+    assert rebuilt.created_at > child.created_at
+    load_variant(variant_dir(variants_workdir, child.id))  # verifies again
+
+
+def test_onnx_export_has_a_dynamic_batch_axis(torch_source: Variant, variants_workdir: Path) -> None:
+    child = OnnxExport().apply(torch_source, variants_workdir)
+    path = variant_dir(variants_workdir, child.id) / child.artifacts["model"].path
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for batch in (1, 7):
+        x = random_inputs(batch, seed=batch)
+        (out,) = session.run(None, {name: x})
+        assert out.shape == (batch, 5)
+        np.testing.assert_allclose(out, torch_reference(x), atol=1e-4, rtol=1e-4)
+
+
+def test_onnx_export_refuses_unknown_config_keys() -> None:
+    with pytest.raises(ConfigError, match="optimizer onnx-export: opste"):
+        OnnxExport({"opste": 17})
