@@ -21,6 +21,8 @@ from optiserve.procs import free_port, spawn, stop_group, tail
 from optiserve.types import Endpoint, ServiceSpec
 
 SERVICE_IMPORT = "optiserve.services.service:OptiserveService"
+STARTUP_FAILED = b"Application startup failed"
+"""Logged (by uvicorn) when the service's __init__ raised; BentoML then restarts the worker forever."""
 
 
 class LocalDeployment:
@@ -80,6 +82,11 @@ class LocalDeployment:
                     raise ServingError(
                         f"server for {name} exited during start-up; last lines of {log}:\n{tail(log)}"
                     )
+                if _startup_failed(log):
+                    self.stop(name)
+                    raise ServingError(
+                        f"server for {name} failed to initialise; last lines of {log}:\n{tail(log)}"
+                    )
                 try:
                     if client.get(f"{url}/readyz").status_code == 200:
                         return
@@ -99,3 +106,10 @@ class LocalDeployment:
     def stop_all(self) -> None:
         for name in list(self._procs):
             self.stop(name)
+
+
+def _startup_failed(log: Path) -> bool:
+    try:
+        return STARTUP_FAILED in log.read_bytes()
+    except OSError:
+        return False

@@ -395,17 +395,33 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+# Typer 0.29 ships its own copy of click: its usage errors are not click's ClickException, and in
+# non-standalone mode it turns Ctrl-C into a *returned* 130 instead of raising. Handle both generations.
+_USAGE_ERRORS: tuple[type[Exception], ...] = (
+    click.ClickException,
+    getattr(typer, "TyperException", click.ClickException),
+)
+_ABORTS: tuple[type[BaseException], ...] = (
+    click.exceptions.Abort,
+    typer.Abort,
+    KeyboardInterrupt,
+    Interrupted,
+)
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     command = typer.main.get_command(app)
     try:
-        command.main(prog_name="optiserve", standalone_mode=False)
+        code = command.main(prog_name="optiserve", standalone_mode=False)
+        if code == 130:
+            raise KeyboardInterrupt
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt, Interrupted):
+    except _USAGE_ERRORS as e:
+        e.show()  # type: ignore[attr-defined]
+        sys.exit(e.exit_code)  # type: ignore[attr-defined]
+    except _ABORTS:
         _fail("interrupted; every server and load generator started by this run was stopped", 130)
     except OptiserveError as e:
         _fail(e.one_line(), e.exit_code)
@@ -413,6 +429,8 @@ def main() -> None:
         if os.environ.get("OPTISERVE_DEBUG"):
             raise
         _fail(f"unexpected {type(e).__name__}: {e} (a bug; set OPTISERVE_DEBUG=1 for the traceback)", 1)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

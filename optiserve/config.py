@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from optiserve.errors import ConfigError
 from optiserve.types import BatchingSpec, DType, ThreadSpec
@@ -46,7 +46,7 @@ class ServingConfig(Strict):
 
 class LoadConfig(Strict):
     scenario: str = "closed-loop"
-    concurrency: tuple[int, ...] = Field(default=(1, 4), min_length=1)
+    concurrency: tuple[PositiveInt, ...] = Field(default=(1, 4), min_length=1)
     duration_s: float = Field(default=12.0, gt=0)
     warmup_s: float = Field(default=3.0, ge=0)
     payload_samples: int = Field(default=8, ge=1, le=256)
