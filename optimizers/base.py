@@ -1,17 +1,21 @@
 """The Optimizer contract: take a parent variant, write a new one.
 
-An optimizer declares the artifact formats it accepts and a pydantic ``Config`` (unknown keys are
-refused). :meth:`Optimizer.apply` derives the child's id from the lineage, reuses a verified variant
-with that id when one exists, and otherwise builds it in a staging directory that only replaces the
-final one on success: a failed step leaves nothing half-written.
+An optimizer declares the artifact formats and precisions it accepts and a pydantic ``Config``
+(unknown keys are refused). :meth:`Optimizer.apply` derives the child's id from the lineage, reuses
+a verified variant with that id when one exists, and otherwise builds it in a staging directory that
+only replaces the final one on success: a failed step leaves nothing half-written.
+
+What an optimizer needs besides its parent (calibration samples, training data, threads) comes from
+the :class:`OptimizeContext`, so every optimizer sees the same data for the same experiment.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -20,7 +24,10 @@ from optiserve.fsutil import staging_dir
 from optiserve.ids import variant_id
 from optiserve.manifest import describe_artifact, load_variant, variant_dir, write_variant
 from optiserve.registry import Plugin
-from optiserve.types import ArtifactFormat, OptimizerStep, Precision, Variant
+from optiserve.types import ArtifactFormat, ModelSpec, OptimizerStep, Precision, Variant
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class OptimizerConfig(BaseModel):
@@ -37,12 +44,78 @@ class Produced:
     parameters: int | None = None
 
 
+@dataclass
+class OptimizeContext:
+    """Shared inputs of one optimize stage. Data sets are loaded once and reused by every optimizer."""
+
+    workdir: Path
+    calibration_samples: int = 300
+    calibration_path: Path | None = None
+    """An .npy file of preprocessed samples to calibrate on, instead of the model's own split."""
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    seed: int = 0
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def calibration(self, spec: ModelSpec) -> np.ndarray:
+        """Calibration samples; an empty or mis-shaped set is a ConfigError (raised before any work)."""
+        key = f"calibration:{spec.name}"
+        if key not in self._cache:
+            self._cache[key] = self._load_calibration(spec)
+        return self._cache[key]  # type: ignore[no-any-return]
+
+    def _load_calibration(self, spec: ModelSpec) -> np.ndarray:
+        import numpy as np
+
+        from optiserve.models.resolve import dataset
+
+        if self.calibration_path is None:
+            data, _ = dataset(spec, "calibration", self.calibration_samples)
+        else:
+            try:
+                data = np.load(self.calibration_path, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise ConfigError(
+                    f"calibration file {self.calibration_path}: cannot read it as .npy ({e})"
+                ) from e
+        expected = spec.inputs[0].sample_shape
+        if data.ndim == 0 or len(data) == 0:
+            raise ConfigError(
+                f"the calibration set is empty ({self.calibration_path or 'calibration.samples'}): "
+                f"quantizers need at least one sample of shape {expected}"
+            )
+        if tuple(data.shape[1:]) != expected:
+            raise ConfigError(
+                f"calibration samples have shape {tuple(data.shape[1:])}, the model takes {expected}"
+            )
+        return np.ascontiguousarray(data[: self.calibration_samples], dtype=spec.inputs[0].dtype)
+
+    def training(self, spec: ModelSpec) -> tuple[np.ndarray, np.ndarray] | None:
+        key = f"training:{spec.name}"
+        if key not in self._cache:
+            from optiserve.models.resolve import training_data
+
+            self._cache[key] = training_data(spec)
+        return self._cache[key]  # type: ignore[no-any-return]
+
+
 class Optimizer(Plugin, base=True, package="optiserve.optimizers"):
     tag: ClassVar[str] = ""
     """The readable part of child ids, e.g. ``onnx`` → ``efficientnet-lite0.onnx.3fa2c1``."""
 
     input_formats: ClassVar[tuple[ArtifactFormat, ...]] = ()
     """Parent formats this optimizer can work from."""
+
+    input_precisions: ClassVar[tuple[Precision, ...]] = ("fp32",)
+    """Parent precisions it can work from (quantizing an already quantized variant makes no sense)."""
+
+    lossy: ClassVar[bool] = False
+    """False for transforms that keep outputs equal up to float rounding (export, graph fusion)."""
+
+    needs_calibration: ClassVar[bool] = False
+    """Reads ``ctx.calibration(...)``: the calibration set is checked before any optimizer runs."""
+
+    needs_training_data: ClassVar[bool] = False
+    """Trains (fine-tuning, QAT, distillation): skipped with the reason for models without training data."""
 
     Config: ClassVar[type[OptimizerConfig]] = OptimizerConfig
 
@@ -55,7 +128,11 @@ class Optimizer(Plugin, base=True, package="optiserve.optimizers"):
             raise ConfigError(f"optimizer {self.name}: {where}: {first['msg']}") from e
 
     def accepts(self, parent: Variant) -> bool:
-        return parent.format in self.input_formats
+        return (
+            parent.format in self.input_formats
+            and parent.precision in self.input_precisions
+            and all(step.optimizer != self.name for step in parent.steps)
+        )
 
     def step(self) -> OptimizerStep:
         return OptimizerStep(optimizer=self.name, tag=self.tag, config=self.config.model_dump(mode="json"))
@@ -66,11 +143,12 @@ class Optimizer(Plugin, base=True, package="optiserve.optimizers"):
         lineage = {"parent": parent.id, "optimizer": step.optimizer, "config": step.config}
         return variant_id(parent.model.name, tags, lineage)
 
-    def produce(self, parent: Variant, parent_dir: Path, out_dir: Path) -> Produced:
+    def produce(self, parent: Variant, parent_dir: Path, out_dir: Path, ctx: OptimizeContext) -> Produced:
         raise NotImplementedError
 
-    def apply(self, parent: Variant, workdir: Path) -> Variant:
+    def apply(self, parent: Variant, workdir: Path, ctx: OptimizeContext | None = None) -> Variant:
         self.require_available()
+        ctx = ctx or OptimizeContext(workdir)
         child_id = self.child_id(parent)
         final = variant_dir(workdir, child_id)
         if final.exists():
@@ -80,7 +158,7 @@ class Optimizer(Plugin, base=True, package="optiserve.optimizers"):
                 pass  # stale or corrupted: rebuild it below
         parent_dir = variant_dir(workdir, parent.id)
         with staging_dir(final) as out:
-            produced = self.produce(parent, parent_dir, out)
+            produced = self.produce(parent, parent_dir, out, ctx)
             child = Variant(
                 id=child_id,
                 model=parent.model,

@@ -13,7 +13,7 @@ from optiserve.artifacts import ONNX_MODEL, load_torch_variant, parameter_count
 from optiserve.errors import OptimizationError
 from optiserve.types import ArtifactFormat, Variant
 
-from .base import Optimizer, OptimizerConfig, Produced
+from .base import OptimizeContext, Optimizer, OptimizerConfig, Produced
 
 
 class OnnxExportConfig(OptimizerConfig):
@@ -34,7 +34,7 @@ class OnnxExport(Optimizer):
     Config = OnnxExportConfig
     config: OnnxExportConfig
 
-    def produce(self, parent: Variant, parent_dir: Path, out_dir: Path) -> Produced:
+    def produce(self, parent: Variant, parent_dir: Path, out_dir: Path, ctx: OptimizeContext) -> Produced:
         import torch
 
         module = load_torch_variant(parent, parent_dir)

@@ -139,15 +139,20 @@ def run(
             "no variant can be served by an available runtime", hint="see `optiserve doctor`"
         )
     run_dir = pipeline.new_run_dir(cfg.workdir)
-    _write_json(run_dir / "skipped.json", plan.skipped)
-    evaluations = pipeline.evaluate(cfg, plan, run_dir, steps)
-    results = pipeline.bench(cfg, plan, run_dir, steps)
+    evaluations = pipeline.evaluate(cfg, plan, steps, run_dir)
+    served = pipeline.gate(cfg, plan, evaluations)
+    _write_json(run_dir / "skipped.json", served.skipped)
+    if not served.pairs:
+        raise OptiserveError(
+            "every variant was rejected by the accuracy gate", hint=f"see {run_dir / 'eval'}"
+        )
+    results = pipeline.bench(cfg, served, run_dir, steps)
     report = build_report(
-        spec.name, {v.id: v for v in variants}, results, list(evaluations.values()), plan.skipped
+        spec.name, {v.id: v for v in variants}, results, list(evaluations.values()), served.skipped
     )
     json_path, md_path = write_report(report, run_dir)
     out.print(render_table(report))
-    _print_skipped(plan.skipped)
+    _print_skipped(served.skipped)
     out.print(f"Report: {md_path}  (and {json_path.name}; raw samples in {run_dir / 'samples'})")
 
 
@@ -157,32 +162,34 @@ def optimize(
     model: ModelOpt = None,
     workdir: WorkdirOpt = None,
     optimizer: OptimizerOpt = None,
+    eval_samples: EvalOpt = None,
     input_shape: InputShapeOpt = None,
+    evaluate: Annotated[
+        bool, typer.Option("--eval/--no-eval", help="Evaluate and microbenchmark every variant.")
+    ] = True,
 ) -> None:
-    """Produce the variants of a model (cached by content id) and list them.
+    """Produce the variants of a model (cached by content id), evaluate each against FP32 and list them.
 
-    Example: [bold]optiserve optimize --model efficientnet-lite0 -o onnx-export[/]
+    Example: [bold]optiserve optimize --model efficientnet-lite0 -o onnx-export -o ort-int8-static[/]
     """
     from optiserve import pipeline
+    from optiserve.report import render_variants_table
 
-    cfg = _config(config, model=model, workdir=workdir, optimizers=optimizer, input_shape=input_shape)
+    cfg = _config(
+        config,
+        model=model,
+        workdir=workdir,
+        optimizers=optimizer,
+        eval_samples=eval_samples,
+        input_shape=input_shape,
+    )
     spec = pipeline.resolve(cfg)
     _check_plugins(cfg)
-    variants, skipped = pipeline.optimize(cfg, spec, Steps())
-    table = Table(title=f"Variants of {spec.name} in {cfg.workdir / 'variants'}")
-    for col in ("variant", "chain", "format", "precision", "size", "parameters"):
-        table.add_column(col)
-    for v in variants:
-        table.add_row(
-            v.id,
-            v.chain,
-            v.format,
-            v.precision,
-            f"{v.size_bytes / 1e6:.1f} MB",
-            f"{v.parameters:,}" if v.parameters else "–",
-        )
-    out.print(table)
-    _print_skipped(skipped)
+    steps = Steps()
+    variants, skipped = pipeline.optimize(cfg, spec, steps)
+    plan = pipeline.plan(cfg, spec, variants, skipped)
+    evaluations = pipeline.evaluate(cfg, plan, steps) if evaluate and plan.pairs else {}
+    out.print(render_variants_table(spec.name, plan, evaluations))
 
 
 @app.command()
@@ -367,7 +374,7 @@ def _existing_plan(cfg: ExperimentConfig, variant_ids: list[str] | None) -> Any:
         raise ConfigError(
             f"no variants of {spec.name} in {cfg.workdir}", hint="run `optiserve optimize` first"
         )
-    p = pipeline.plan(cfg, spec, variants, {})
+    p = pipeline.gate(cfg, pipeline.plan(cfg, spec, variants, {}), pipeline.stored_evaluations(cfg, variants))
     if not p.pairs:
         raise OptiserveError(
             "no variant can be served by an available runtime", hint="see `optiserve doctor`"

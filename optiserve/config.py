@@ -42,6 +42,8 @@ class ServingConfig(Strict):
     batching: BatchingSpec = BatchingSpec()
     threads: ThreadSpec = ThreadSpec()
     ready_timeout_s: float = Field(default=300.0, gt=0)
+    serve_rejected: bool = False
+    """Also serve variants that failed the accuracy gate (they are never served silently)."""
 
 
 class LoadConfig(Strict):
@@ -55,6 +57,22 @@ class LoadConfig(Strict):
 
 class EvalConfig(Strict):
     samples: int = Field(default=64, ge=1, le=100_000)
+    """Held-out samples for the accuracy check (disjoint from the calibration samples)."""
+    gate: float = Field(default=0.99, gt=0, le=1)
+    """A variant passes when its metric >= gate × the FP32 reference's (MLPerf uses 0.99)."""
+    threads: int | None = Field(default=None, ge=1)
+    """Threads for evaluation and the in-process microbenchmark (default: every CPU)."""
+    microbench: bool = True
+    """Measure in-process p50/p99 at batch 1 and throughput at `batch`."""
+    batch: int = Field(default=32, ge=2, le=4096)
+    budget_s: float = Field(default=2.0, gt=0)
+    """Seconds per microbenchmark measurement (batch 1, then `batch`)."""
+
+
+class CalibrationConfig(Strict):
+    samples: int = Field(default=300, ge=1, le=100_000)
+    path: Path | None = None
+    """An .npy file of preprocessed samples, instead of the model's own calibration split."""
 
 
 class ExperimentConfig(Strict):
@@ -63,6 +81,7 @@ class ExperimentConfig(Strict):
     optimizers: tuple[OptimizerEntry, ...] = (OptimizerEntry(name="onnx-export"),)
     serving: ServingConfig = ServingConfig()
     load: LoadConfig = LoadConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
     eval: EvalConfig = EvalConfig()
 
 

@@ -7,14 +7,20 @@ imports a heavy package at module level.
 from __future__ import annotations
 
 import datetime as dt
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from optiserve.config import ExperimentConfig
-from optiserve.errors import OptiserveError, PluginUnavailable
+from optiserve.errors import ConfigError, OptiserveError, PluginUnavailable
 from optiserve.manifest import list_variants, read_model, variant_dir, write_model
 from optiserve.progress import Steps
-from optiserve.types import BenchResult, Evaluation, ModelSpec, ServiceSpec, Variant
+
+if TYPE_CHECKING:
+    from optiserve.optimizers.base import OptimizeContext
+
+from optiserve.types import BenchResult, Evaluation, ModelSpec, ServiceSpec, ThreadSpec, Variant
 
 
 @dataclass
@@ -36,30 +42,53 @@ def resolve(config: ExperimentConfig) -> ModelSpec:
     )
 
 
+def optimize_context(config: ExperimentConfig) -> OptimizeContext:
+    from optiserve.optimizers.base import OptimizeContext
+
+    return OptimizeContext(
+        workdir=config.workdir,
+        calibration_samples=config.calibration.samples,
+        calibration_path=config.calibration.path,
+        threads=config.eval.threads or os.cpu_count() or 1,
+    )
+
+
 def optimize(config: ExperimentConfig, spec: ModelSpec, steps: Steps) -> tuple[list[Variant], dict[str, str]]:
-    """The source variant, then each optimizer applied to every variant it accepts (in config order)."""
+    """The source variant, then each optimizer applied to every variant it accepts (in config order).
+
+    Bad optimizer names or configs, and an empty calibration set, fail before any work. An optimizer
+    whose package is missing, that needs training data the model lacks, or that fails on this model
+    (an unsupported op, say) is skipped with the reason, and the others go on.
+    """
     from optiserve.optimizers.base import Optimizer
     from optiserve.optimizers.source import materialize_source
 
-    optimizers = [
-        Optimizer.get(entry.name)(entry.config) for entry in config.optimizers
-    ]  # bad names fail first
+    optimizers = [Optimizer.get(entry.name)(entry.config) for entry in config.optimizers]
+    ctx = optimize_context(config)
     skipped: dict[str, str] = {}
-    with steps.task(f"Loading {spec.name}"):
-        variants = [materialize_source(spec, config.workdir)]
+    runnable = []
     for opt in optimizers:
         avail = opt.availability()
         if not avail.ok:
             skipped[opt.name] = avail.reason
-            continue
+        elif opt.needs_training_data and ctx.training(spec) is None:
+            skipped[opt.name] = f"{spec.name} has no labelled training set to train on"
+        else:
+            runnable.append(opt)
+    if any(opt.needs_calibration for opt in runnable):
+        with steps.task(f"Loading {config.calibration.samples} calibration samples"):
+            ctx.calibration(spec)
+    with steps.task(f"Loading {spec.name}"):
+        variants = [materialize_source(spec, config.workdir)]
+    for opt in runnable:
         for parent in list(variants):
             if not opt.accepts(parent):
                 continue
             with steps.task(f"{opt.name}: {parent.id}"):
                 try:
-                    variants.append(opt.apply(parent, config.workdir))
+                    variants.append(opt.apply(parent, config.workdir, ctx))
                 except OptiserveError as e:
-                    if isinstance(e, PluginUnavailable):
+                    if isinstance(e, PluginUnavailable | ConfigError):
                         raise
                     skipped[f"{opt.name}({parent.id})"] = e.one_line()
     return variants, skipped
@@ -93,28 +122,74 @@ def reference_pair(p: Plan) -> tuple[Variant, str]:
 
 
 def evaluate(
-    config: ExperimentConfig, p: Plan, run_dir: Path, steps: Steps
+    config: ExperimentConfig, p: Plan, steps: Steps, run_dir: Path | None = None
 ) -> dict[tuple[str, str], Evaluation]:
-    from optiserve.evaluate import compare, outputs_of
-    from optiserve.models.resolve import dataset
+    """Accuracy (and, unless disabled, the in-process microbenchmark) of every pair in the plan.
+
+    Each evaluation is written beside its variant (``evaluation.<runtime>.json``) and, for a run, into
+    the run's ``eval/`` folder, from which the report is built.
+    """
+    from optiserve.evaluate import evaluate_outputs, load_runtime
+    from optiserve.microbench import measure
+    from optiserve.models.resolve import dataset, targets
 
     inputs, description = dataset(p.spec, "eval", config.eval.samples)
+    labels = targets(p.spec, "eval", config.eval.samples)
     ref_variant, ref_runtime = reference_pair(p)
-    threads = config.serving.threads
+    n_threads = config.eval.threads or os.cpu_count() or 1
+    threads = ThreadSpec(intra_op=n_threads)
     evaluations: dict[tuple[str, str], Evaluation] = {}
-    with steps.task(f"Evaluating on {description}", total=len(p.pairs)) as advance:
-        ref_out = outputs_of(ref_variant, ref_runtime, config.workdir, inputs, threads)
-        for variant, runtime in p.pairs:
-            out = (
-                ref_out
-                if (variant.id, runtime) == (ref_variant.id, ref_runtime)
-                else outputs_of(variant, runtime, config.workdir, inputs, threads)
+    label = "Evaluating" + (" and microbenchmarking" if config.eval.microbench else "")
+    with steps.task(f"{label} on {description}", total=len(p.pairs)) as advance:
+        ref_out = load_runtime(ref_variant, ref_runtime, config.workdir, threads).infer_any(inputs, chunk=16)
+        for variant, runtime_name in p.pairs:
+            runtime = load_runtime(variant, runtime_name, config.workdir, threads)
+            out = runtime.infer_any(inputs, chunk=16)
+            latency = (
+                measure(
+                    runtime,
+                    inputs[0],
+                    threads=n_threads,
+                    batch=config.eval.batch,
+                    budget_s=config.eval.budget_s,
+                )
+                if config.eval.microbench
+                else None
             )
-            ev = compare(variant, runtime, ref_variant, ref_out, out)
-            evaluations[(variant.id, runtime)] = ev
-            write_model(run_dir / "eval" / f"{variant.id}.{runtime}.json", ev)
-            advance(description=f"Evaluated {variant.id} on {runtime}")
+            ev = evaluate_outputs(
+                variant,
+                runtime_name,
+                ref_variant,
+                ref_out,
+                out,
+                labels,
+                gate=config.eval.gate,
+                latency=latency,
+            )
+            evaluations[(variant.id, runtime_name)] = ev
+            write_model(variant_dir(config.workdir, variant.id) / f"evaluation.{runtime_name}.json", ev)
+            if run_dir is not None:
+                write_model(run_dir / "eval" / f"{variant.id}.{runtime_name}.json", ev)
+            advance(description=f"Evaluated {variant.id} on {runtime_name}")
     return evaluations
+
+
+def gate(config: ExperimentConfig, p: Plan, evaluations: dict[tuple[str, str], Evaluation]) -> Plan:
+    """The plan without pairs that failed the accuracy gate (unless serving.serve_rejected is set)."""
+    if config.serving.serve_rejected:
+        return p
+    kept = []
+    skipped = dict(p.skipped)
+    for variant, runtime in p.pairs:
+        ev = evaluations.get((variant.id, runtime))
+        if ev is not None and not ev.passed:
+            skipped[f"{variant.id} on {runtime}"] = (
+                f"rejected by the accuracy gate: {ev.metric} {ev.value:.4f} < {ev.gate} × "
+                f"{ev.reference_value:.4f} (serve it anyway with serving.serve_rejected: true)"
+            )
+        else:
+            kept.append((variant, runtime))
+    return Plan(spec=p.spec, variants=p.variants, pairs=kept, skipped=skipped)
 
 
 def bench(config: ExperimentConfig, p: Plan, run_dir: Path, steps: Steps) -> list[BenchResult]:
@@ -180,6 +255,18 @@ def service_spec(
         threads=config.serving.threads,
         port=port,
     )
+
+
+def stored_evaluations(
+    config: ExperimentConfig, variants: list[Variant]
+) -> dict[tuple[str, str], Evaluation]:
+    """The latest evaluation written beside each variant by `optimize` or `run` (for gating `bench`)."""
+    found: dict[tuple[str, str], Evaluation] = {}
+    for variant in variants:
+        for path in variant_dir(config.workdir, variant.id).glob("evaluation.*.json"):
+            ev = read_model(path, Evaluation)
+            found[(ev.variant_id, ev.runtime)] = ev
+    return found
 
 
 def new_run_dir(workdir: Path) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.table import Table
 
 from optiserve.fsutil import atomic_write_text
+from optiserve.pipeline import Plan
 from optiserve.types import BenchResult, Evaluation, Report, ReportRow, Variant
 
 
@@ -49,12 +50,25 @@ def concurrencies(report: Report) -> list[int]:
     return sorted({r.load.users for row in report.rows for r in row.results})
 
 
+_METRIC_NAMES = {
+    "top1_accuracy": "top-1 acc",
+    "top1_agreement": "top-1 agree",
+    "cosine_similarity": "cosine",
+    "max_abs_diff": "max|Δ|",
+}
+
+
 def _accuracy(ev: Evaluation | None) -> str:
     if ev is None:
         return "–"
+    name = _METRIC_NAMES[ev.metric]
+    if ev.metric == "top1_accuracy":
+        return f"{name} {ev.value * 100:.1f}% (Δ {ev.delta * 100:+.1f} pt, n={ev.n_samples})"
     if ev.metric == "top1_agreement":
-        return f"{ev.value * 100:.1f}% (n={ev.n_samples})"
-    return f"max|Δ| {ev.value:.2e} (n={ev.n_samples})"
+        return f"{name} {ev.value * 100:.1f}% (n={ev.n_samples})"
+    if ev.metric == "cosine_similarity":
+        return f"{name} {ev.value:.4f} (n={ev.n_samples})"
+    return f"{name} {ev.value:.2e} (n={ev.n_samples})"
 
 
 def _cells(row: ReportRow, users: int) -> tuple[str, str, str]:
@@ -78,7 +92,7 @@ def render_table(report: Report) -> Table:
     table.add_column("runtime", no_wrap=True)
     table.add_column("prec")
     table.add_column("size", justify="right")
-    table.add_column("top-1 vs FP32", justify="right")
+    table.add_column("accuracy vs FP32", justify="right")
     levels = concurrencies(report)
     for users in levels:
         table.add_column(
@@ -101,7 +115,7 @@ def render_table(report: Report) -> Table:
 
 def render_markdown(report: Report) -> str:
     levels = concurrencies(report)
-    head = ["variant", "runtime", "precision", "size", "top-1 agreement vs FP32"]
+    head = ["variant", "runtime", "precision", "size", "accuracy vs FP32"]
     for users in levels:
         head += [f"c={users} p50 / p99 (ms)", f"c={users} req/s", f"c={users} errors"]
     lines = [
@@ -147,3 +161,38 @@ def write_report(report: Report, out_dir: Path) -> tuple[Path, Path]:
     atomic_write_text(json_path, json.dumps(report.model_dump(mode="json"), indent=2) + "\n")
     atomic_write_text(md_path, render_markdown(report))
     return json_path, md_path
+
+
+def _status(ev: Evaluation | None) -> str:
+    if ev is None:
+        return "not evaluated"
+    if ev.gate is None:
+        return "ok (not gated)"
+    return "ok" if ev.passed else f"[red]rejected[/] (< {ev.gate:g} × FP32)"
+
+
+def render_variants_table(model: str, plan: Plan, evaluations: dict[tuple[str, str], Evaluation]) -> Table:
+    """The `optiserve optimize` table: one row per variant × runtime, plus a row per skipped step."""
+    table = Table(title=f"Variants of {model} (in-process; accuracy on held-out data)")
+    for col in ("variant", "chain", "runtime", "size", "params", "accuracy (Δ vs FP32)"):
+        table.add_column(col, overflow="fold")
+    table.add_column("p50 b=1 ms", justify="right")
+    table.add_column("throughput", justify="right")
+    table.add_column("status", overflow="fold")
+    for variant, runtime in plan.pairs:
+        ev = evaluations.get((variant.id, runtime))
+        lat = ev.latency if ev else None
+        table.add_row(
+            variant.id,
+            variant.chain,
+            runtime,
+            _mb(variant.size_bytes),
+            f"{variant.parameters:,}" if variant.parameters else "–",
+            _accuracy(ev),
+            f"{lat.batch1_p50_ms:.2f}" if lat else "–",
+            f"{lat.batch_throughput:,.0f}/s @{lat.batch}" if lat else "–",
+            _status(ev),
+        )
+    for what, why in plan.skipped.items():
+        table.add_row(what, "", "", "", "", "", "", "", f"[yellow]skipped[/]: {why}")
+    return table

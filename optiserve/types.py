@@ -18,7 +18,7 @@ DType = Literal["float32", "float16", "int64", "int32", "uint8"]
 ArtifactFormat = Literal["torch", "onnx", "openvino", "tensorrt"]
 Precision = Literal["fp32", "fp16", "int8"]
 ModelSource = Literal["builtin", "onnx", "torch-callable"]
-Task = Literal["image-classification", "generic"]
+Task = Literal["image-classification", "text-embedding", "generic"]
 
 
 class Frozen(BaseModel):
@@ -89,16 +89,45 @@ class Variant(Frozen):
         return " → ".join([self.model.source, *(s.optimizer for s in self.steps)])
 
 
+class MicroBench(Frozen):
+    """In-process latency of one runtime on one variant: warm-up excluded, no HTTP, no batcher."""
+
+    threads: int
+    batch1_n: int
+    batch1_p50_ms: float
+    batch1_p99_ms: float
+    batch: int
+    batch_throughput: float = Field(description="samples per second at `batch`")
+
+
+Metric = Literal["top1_accuracy", "top1_agreement", "cosine_similarity", "max_abs_diff"]
+
+
 class Evaluation(Frozen):
-    """Accuracy of a variant, in-process, against the FP32 reference on held-out inputs."""
+    """How good a variant is, in process, on held-out inputs, and whether it passes the accuracy gate.
+
+    ``metric``/``value`` is the gated figure: the task metric where labels exist (top-1 accuracy),
+    else agreement with the FP32 reference (top-1 agreement for classifiers, cosine similarity for
+    embeddings); ``reference_value`` is the same metric for the FP32 reference on the same inputs.
+    ``max_abs_diff`` is informative only (it is not gated).
+    """
 
     variant_id: str
     runtime: str
     reference_variant_id: str
-    metric: Literal["top1_agreement", "max_abs_diff"]
+    metric: Metric
     value: float
+    reference_value: float
     n_samples: int
     max_abs_diff: float
+    agreement: float | None = Field(default=None, description="top-1 agreement with the reference")
+    gate: float | None = Field(default=None, description="minimum value / reference_value; None: not gated")
+    passed: bool = True
+    latency: MicroBench | None = None
+
+    @property
+    def delta(self) -> float:
+        return self.value - self.reference_value
 
 
 class BatchingSpec(Frozen):

@@ -36,5 +36,22 @@ class BuiltinModel(Plugin, base=True, package="optiserve.models"):
         raise NotImplementedError
 
     @classmethod
+    def targets(cls, split: Split, n: int) -> np.ndarray | None:
+        """Class labels for the same ``n`` samples as :meth:`dataset` returns, or None (no labels).
+
+        With labels the accuracy gate uses the task metric (top-1 accuracy); without, agreement with
+        the FP32 reference.
+        """
+        return None
+
+    @classmethod
+    def training_data(cls) -> tuple[np.ndarray, np.ndarray] | None:
+        """(inputs, labels) to fine-tune, distil or quantization-aware-train on; None when there is none.
+
+        Disjoint from both the eval and the calibration splits.
+        """
+        return None
+
+    @classmethod
     def labels(cls) -> list[str] | None:
         return None

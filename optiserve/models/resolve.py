@@ -138,6 +138,19 @@ def build_torch_module(spec: ModelSpec) -> torch.nn.Module:
     raise ModelError(f"model {spec.name} comes from an ONNX file and has no torch module")
 
 
+def targets(spec: ModelSpec, split: Split, n: int) -> np.ndarray | None:
+    """Labels for the first ``n`` samples of ``dataset(spec, split, n)``, when the model has them."""
+    if spec.source != "builtin":
+        return None
+    return BuiltinModel.get(spec.ref).targets(split, n)
+
+
+def training_data(spec: ModelSpec) -> tuple[np.ndarray, np.ndarray] | None:
+    if spec.source != "builtin":
+        return None
+    return BuiltinModel.get(spec.ref).training_data()
+
+
 def dataset(spec: ModelSpec, split: Split, n: int) -> tuple[np.ndarray, str]:
     """(samples, description). Built-ins give real data; other models get seeded synthetic inputs."""
     import numpy as np
