@@ -105,6 +105,9 @@ class Optimizer(Plugin, base=True, package="optiserve.optimizers"):
     input_formats: ClassVar[tuple[ArtifactFormat, ...]] = ()
     """Parent formats this optimizer can work from."""
 
+    output_format: ClassVar[ArtifactFormat | None] = None
+    """The format of the variants it writes (lets tests and plans find a chain to a needed format)."""
+
     input_precisions: ClassVar[tuple[Precision, ...]] = ("fp32",)
     """Parent precisions it can work from (quantizing an already quantized variant makes no sense)."""
 

@@ -31,6 +31,7 @@ class OnnxExport(Optimizer):
     requires: ClassVar[tuple[str, ...]] = ("torch", "onnx", "onnxruntime", "onnxscript")
     extra: ClassVar[str] = "onnx"
     input_formats: ClassVar[tuple[ArtifactFormat, ...]] = ("torch",)
+    output_format: ClassVar[ArtifactFormat | None] = "onnx"
     Config = OnnxExportConfig
     config: OnnxExportConfig
 

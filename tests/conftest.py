@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from optiserve.deploy.local import LocalDeployment
 from optiserve.manifest import variant_dir
 from optiserve.models.resolve import resolve_model
+from optiserve.optimizers.base import Optimizer
 from optiserve.optimizers.source import materialize_source
 from optiserve.types import Endpoint, ServiceSpec, Variant
 from tests.tiny_models import N_IN, mlp
@@ -179,6 +180,44 @@ def torch_source(variants_workdir: Path) -> Variant:
 def variants_by_format(onnx_source: Variant, torch_source: Variant) -> dict[str, Variant]:
     """A variant of the same weights in each artifact format the tiny model has."""
     return {"onnx": onnx_source, "torch": torch_source}
+
+
+def parent_for(optimizer: Optimizer, pool: dict[str, Variant], workdir: Path) -> Variant:
+    """A variant of the tiny model that ``optimizer`` accepts, made by a chain of optimizers if needed.
+
+    ``pool`` maps artifact formats to fp32 variants and grows as chains are built, so an optimizer
+    that works on, say, OpenVINO IR gets its parent from whichever optimizer writes IR.
+    """
+    direct = [v for v in pool.values() if optimizer.accepts(v)]
+    if direct:
+        return direct[0]
+    for fmt in optimizer.input_formats:
+        made = variant_in_format(fmt, pool, workdir)
+        if made is not None and optimizer.accepts(made):
+            return made
+    raise AssertionError(
+        f"no chain of optimizers gives {optimizer.name} a parent in {optimizer.input_formats}"
+    )
+
+
+def variant_in_format(fmt: str, pool: dict[str, Variant], workdir: Path, depth: int = 3) -> Variant | None:
+    """An fp32 variant in ``fmt``, from the pool or built by the first lossless optimizer that writes it."""
+    if fmt in pool:
+        return pool[fmt]
+    if depth == 0:
+        return None
+    for cls in Optimizer.registry().values():
+        if cls.output_format != fmt or cls.lossy or not cls.availability().ok:
+            continue
+        optimizer = cls()
+        for parent_fmt in cls.input_formats:
+            parent = variant_in_format(parent_fmt, pool, workdir, depth - 1)
+            if parent is not None and optimizer.accepts(parent):
+                child = optimizer.apply(parent, workdir)
+                if child.precision == "fp32":
+                    pool[fmt] = child
+                    return child
+    return None
 
 
 # --- a real server --------------------------------------------------------------------------------------

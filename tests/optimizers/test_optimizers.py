@@ -14,13 +14,7 @@ from optiserve.optimizers.base import Optimizer
 from optiserve.optimizers.onnx_export import OnnxExport
 from optiserve.services.runtimes.base import runtimes_for
 from optiserve.types import Variant
-from tests.conftest import random_inputs, torch_reference
-
-
-def parent_for(optimizer: Optimizer, variants_by_format: dict[str, Variant]) -> Variant:
-    parents = [v for v in variants_by_format.values() if optimizer.accepts(v)]
-    assert parents, f"{optimizer.name} accepts none of the tiny model's formats {list(variants_by_format)}"
-    return parents[0]
+from tests.conftest import parent_for, random_inputs, torch_reference
 
 
 @pytest.fixture(scope="module", params=sorted(Optimizer.registry()))
@@ -32,7 +26,7 @@ def optimized(
     if cls.needs_cuda and not cls.availability().ok:
         pytest.skip(f"{cls.name}: {cls.availability().reason}")
     optimizer = cls()
-    parent = parent_for(optimizer, variants_by_format)
+    parent = parent_for(optimizer, variants_by_format, variants_workdir)
     return optimizer, parent, optimizer.apply(parent, variants_workdir)
 
 
@@ -52,11 +46,23 @@ def test_child_outputs_match_torch(
     _, _, child = optimized
     runtimes = [rt for rt in runtimes_for(child) if rt.availability().ok]
     assert runtimes, f"no available runtime serves {child.format}"
-    x = random_inputs(9, seed=3)
+    x = random_inputs(64, seed=3)
+    expected = torch_reference(x)
+    optimizer, _, _ = optimized
     for runtime_cls in runtimes:
         runtime = runtime_cls(child, variant_dir(variants_workdir, child.id))
         runtime.load()
-        np.testing.assert_allclose(runtime.infer(x), torch_reference(x), atol=1e-4, rtol=1e-4)
+        got = runtime.infer_any(x)
+        assert got.shape == expected.shape
+        if optimizer.lossy:
+            # Quantized, pruned, factorized, ...: the same decisions on nearly every input, not equal numbers.
+            agreement = float((got.argmax(1) == expected.argmax(1)).mean())
+            assert agreement >= 0.85, (
+                f"{optimizer.name} on {runtime_cls.name}: top-1 agreement {agreement:.2f}"
+            )
+        else:
+            tol = 1e-4 if child.precision == "fp32" else 2e-2
+            np.testing.assert_allclose(got, expected, atol=tol, rtol=tol)
 
 
 def test_reapplying_returns_the_cached_variant(
