@@ -77,15 +77,15 @@ class OptimizeContext:
                 raise ConfigError(
                     f"calibration file {self.calibration_path}: cannot read it as .npy ({e})"
                 ) from e
-        expected = spec.inputs[0].sample_shape
+        inp = spec.inputs[0]
         if data.ndim == 0 or len(data) == 0:
             raise ConfigError(
                 f"the calibration set is empty ({self.calibration_path or 'calibration.samples'}): "
-                f"quantizers need at least one sample of shape {expected}"
+                f"quantizers need at least one sample of shape {inp.describe()}"
             )
-        if tuple(data.shape[1:]) != expected:
+        if not inp.matches(tuple(data.shape[1:])):
             raise ConfigError(
-                f"calibration samples have shape {tuple(data.shape[1:])}, the model takes {expected}"
+                f"calibration samples have shape {tuple(data.shape[1:])}, the model takes {inp.describe()}"
             )
         return np.ascontiguousarray(data[: self.calibration_samples], dtype=spec.inputs[0].dtype)
 

@@ -7,13 +7,16 @@ import io
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from optiserve.artifacts import ONNX_MODEL, load_torch_variant, parameter_count
 from optiserve.errors import OptimizationError
 from optiserve.types import ArtifactFormat, Variant
 
 from .base import OptimizeContext, Optimizer, OptimizerConfig, Produced
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class OnnxExportConfig(OptimizerConfig):
@@ -27,7 +30,9 @@ class OnnxExportConfig(OptimizerConfig):
 class OnnxExport(Optimizer):
     name: ClassVar[str] = "onnx-export"
     tag: ClassVar[str] = "onnx"
-    description: ClassVar[str] = "torch → ONNX (FP32, dynamic batch axis), verified against torch"
+    description: ClassVar[str] = (
+        "torch → ONNX (FP32, dynamic batch and sequence axes), verified against torch"
+    )
     requires: ClassVar[tuple[str, ...]] = ("torch", "onnx", "onnxruntime", "onnxscript")
     extra: ClassVar[str] = "onnx"
     input_formats: ClassVar[tuple[ArtifactFormat, ...]] = ("torch",)
@@ -38,15 +43,16 @@ class OnnxExport(Optimizer):
     def produce(self, parent: Variant, parent_dir: Path, out_dir: Path, ctx: OptimizeContext) -> Produced:
         import torch
 
+        from optiserve.models.resolve import dataset
+
         module = load_torch_variant(parent, parent_dir)
         spec = parent.model.inputs[0]
         out_name = parent.model.outputs[0].name if parent.model.outputs else "output"
-        example = torch.randn(2, *spec.sample_shape) if spec.dtype.startswith("float") else None
-        if example is None:
-            raise OptimizationError(f"{parent.id}: ONNX export of {spec.dtype} inputs is not supported yet")
+        # Real samples where the model has them: the export is traced and then checked on what it will serve.
+        samples, _ = dataset(parent.model, "calibration", 3)
         path = out_dir / ONNX_MODEL
-        self._export(module, example, path, spec.name, out_name)
-        self._check(module, path, spec.sample_shape)
+        self._export(module, torch.from_numpy(samples[:2]), path, spec.name, out_name, spec.dynamic_axes)
+        self._check(module, path, samples, spec.dynamic_axes)
         return Produced(
             format="onnx",
             precision="fp32",
@@ -54,7 +60,9 @@ class OnnxExport(Optimizer):
             parameters=parameter_count(module),
         )
 
-    def _export(self, module: Any, example: Any, path: Path, in_name: str, out_name: str) -> None:
+    def _export(
+        self, module: Any, example: Any, path: Path, in_name: str, out_name: str, dynamic: tuple[int, ...]
+    ) -> None:
         import torch
 
         noise = io.StringIO()
@@ -62,7 +70,8 @@ class OnnxExport(Optimizer):
             with warnings.catch_warnings(), contextlib.redirect_stdout(noise), _quiet_loggers():
                 warnings.simplefilter("ignore")
                 if self.config.exporter == "dynamo":
-                    batch = torch.export.Dim("batch", min=1, max=4096)
+                    axes = {0: torch.export.Dim("batch", min=1, max=4096)}
+                    axes.update({ax: torch.export.Dim(f"axis{ax}", min=2, max=65536) for ax in dynamic})
                     torch.onnx.export(
                         module,
                         (example,),
@@ -71,11 +80,12 @@ class OnnxExport(Optimizer):
                         output_names=[out_name],
                         opset_version=self.config.opset,
                         dynamo=True,
-                        dynamic_shapes=({0: batch},),
+                        dynamic_shapes=(axes,),
                         external_data=False,
                         verbose=False,
                     )
                 else:
+                    names = {0: "batch", **{ax: f"axis{ax}" for ax in dynamic}}
                     torch.onnx.export(
                         module,
                         (example,),
@@ -84,32 +94,35 @@ class OnnxExport(Optimizer):
                         output_names=[out_name],
                         opset_version=min(self.config.opset, 17),
                         dynamo=False,
-                        dynamic_axes={in_name: {0: "batch"}, out_name: {0: "batch"}},
+                        dynamic_axes={in_name: names, out_name: {0: "batch"}},
                     )
         except Exception as e:
             raise OptimizationError(f"ONNX export failed: {_first_line(e)}") from e
 
-    def _check(self, module: object, path: Path, sample_shape: tuple[int, ...]) -> None:
+    def _check(self, module: Any, path: Path, samples: np.ndarray, dynamic: tuple[int, ...]) -> None:
+        """Batch 1 and batch 3 (and a shorter length on each dynamic axis) must match torch."""
         import numpy as np
         import onnxruntime as ort
         import torch
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        rng = np.random.default_rng(0)
-        for batch in (1, 3):
-            x = rng.standard_normal((batch, *sample_shape)).astype(np.float32)
+        cases = [samples[:1], samples[:3]]
+        for ax in dynamic:
+            cases.append(np.take(samples[:3], np.arange(max(2, samples.shape[ax] // 2)), axis=ax))
+        for x in cases:
+            x = np.ascontiguousarray(x)
             with torch.no_grad():
-                expected = module(torch.from_numpy(x)).numpy()  # type: ignore[operator]
+                expected = module(torch.from_numpy(x)).numpy()
             got = session.run(None, {name: x})[0]
             if got.shape != expected.shape:
                 raise OptimizationError(
-                    f"ONNX output shape {got.shape} != torch {expected.shape} at batch {batch}"
+                    f"ONNX output shape {got.shape} != torch {expected.shape} for input {x.shape}"
                 )
             diff = float(np.abs(got - expected).max())
             if not diff <= self.config.atol:
                 raise OptimizationError(
-                    f"ONNX output differs from torch by {diff:.2e} at batch {batch} "
+                    f"ONNX output differs from torch by {diff:.2e} for input {x.shape} "
                     f"(allowed {self.config.atol:.0e})"
                 )
 

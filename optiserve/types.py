@@ -26,16 +26,39 @@ class Frozen(BaseModel):
 
 
 class TensorSpec(Frozen):
-    """One model input or output. ``None`` in the shape marks a dynamic axis (always the batch axis)."""
+    """One model input or output. ``None`` in the shape marks a dynamic axis.
+
+    Axis 0 is the batch axis. Other dynamic axes (a text model's sequence length) need ``example``:
+    a concrete per-sample shape used wherever one is needed (warm-up, export, synthetic data).
+    """
 
     name: str
     dtype: DType = "float32"
     shape: tuple[int | None, ...]
+    example: tuple[int, ...] | None = None
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        """Shape of one sample: the batch axis dropped (every other axis is fixed, see resolve_model)."""
+        """A concrete shape of one sample: ``example``, or the fixed axes after the batch axis."""
+        if self.example is not None:
+            return self.example
         return tuple(int(d) for d in self.shape[1:] if d is not None)
+
+    @property
+    def dynamic_axes(self) -> tuple[int, ...]:
+        """Dynamic axes besides the batch axis."""
+        return tuple(i for i, d in enumerate(self.shape) if i > 0 and d is None)
+
+    def matches(self, sample_shape: tuple[int, ...]) -> bool:
+        """Whether one sample of this shape fits (dynamic axes take any length >= 1)."""
+        axes = self.shape[1:]
+        return len(sample_shape) == len(axes) and all(
+            (d is None and s >= 1) or d == s for d, s in zip(axes, sample_shape, strict=True)
+        )
+
+    def describe(self) -> str:
+        """The expected shape as users read it: ``(n, 3, 224, 224)``, ``(n, ?)`` for a dynamic axis."""
+        return "(" + ", ".join(["n", *("?" if d is None else str(d) for d in self.shape[1:])]) + ")"
 
     @property
     def fixed_batch(self) -> int | None:

@@ -66,8 +66,7 @@ class OptiserveService:
     )
     def predict(self, inputs: Annotated[np.ndarray, DType(INPUT_DTYPE)]) -> np.ndarray:
         """A batch of the model's input (first axis = samples) → the model's first output."""
-        if inputs.ndim != len(self.sample_shape) + 1 or tuple(inputs.shape[1:]) != self.sample_shape:
-            raise BadInput(
-                f"expected shape (n, {', '.join(map(str, self.sample_shape))}), got {inputs.shape}"
-            )
+        assert INPUT is not None
+        if inputs.ndim < 1 or not INPUT.matches(tuple(inputs.shape[1:])):
+            raise BadInput(f"expected shape {INPUT.describe()}, got {inputs.shape}")
         return self.runtime.infer_any(np.ascontiguousarray(inputs, dtype=INPUT_DTYPE))

@@ -21,6 +21,9 @@ Split = Literal["eval", "calibration"]
 class BuiltinModel(Plugin, base=True, package="optiserve.models"):
     extra: ClassVar[str] = "models"
 
+    data_description: ClassVar[str] = "samples"
+    """What :meth:`dataset` returns, for progress lines and reports (e.g. "real-photo crops")."""
+
     @classmethod
     def spec(cls) -> ModelSpec:
         raise NotImplementedError

@@ -38,6 +38,7 @@ def preprocess(image: Image.Image) -> np.ndarray:
 class EfficientNetLite0(BuiltinModel):
     name: ClassVar[str] = "efficientnet-lite0"
     description: ClassVar[str] = "ImageNet classifier, 4.7M parameters, 224x224 RGB (the default model)"
+    data_description: ClassVar[str] = "real-photo crops"
     requires: ClassVar[tuple[str, ...]] = (
         "torch",
         "efficientnet_lite_pytorch",

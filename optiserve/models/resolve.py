@@ -156,7 +156,8 @@ def dataset(spec: ModelSpec, split: Split, n: int) -> tuple[np.ndarray, str]:
     import numpy as np
 
     if spec.source == "builtin":
-        return BuiltinModel.get(spec.ref).dataset(split, n), f"{n} real-photo crops ({split})"
+        model = BuiltinModel.get(spec.ref)
+        return model.dataset(split, n), f"{n} {model.data_description} ({split})"
     inp = spec.inputs[0]
     rng = np.random.default_rng(0 if split == "eval" else 1)
     shape = (n, *inp.sample_shape)
