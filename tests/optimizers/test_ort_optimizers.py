@@ -1,0 +1,159 @@
+"""The ONNX / ONNX Runtime optimizers on the tiny MLP: what each really writes into the graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, numpy_helper
+
+from optiserve.errors import ConfigError
+from optiserve.manifest import variant_dir
+from optiserve.optimizers.base import OptimizeContext
+from optiserve.optimizers.onnx_fp16 import OnnxFp16
+from optiserve.optimizers.ort_graph_opt import OrtGraphOpt
+from optiserve.optimizers.ort_int8_dynamic import OrtInt8Dynamic
+from optiserve.optimizers.ort_int8_static import OrtInt8Static
+from optiserve.types import Variant
+from tests.conftest import random_inputs, torch_reference
+
+# The hand-built MLP's nodes are unnamed; the optimizers name them <OpType>_<index>.
+FIRST_GEMM, SECOND_GEMM = "Gemm_0", "Gemm_2"
+
+
+def model_of(variant: Variant, workdir: Path) -> onnx.ModelProto:
+    return onnx.load(str(variant_dir(workdir, variant.id) / variant.artifacts["model"].path))
+
+
+def run(variant: Variant, workdir: Path, x: np.ndarray) -> np.ndarray:
+    path = variant_dir(workdir, variant.id) / variant.artifacts["model"].path
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]  # type: ignore[no-any-return]
+
+
+def quantized_weights(model: onnx.ModelProto) -> set[str]:
+    """Names of the float weights that were replaced by int8 initializers feeding a DequantizeLinear."""
+    int8 = {i.name for i in model.graph.initializer if i.data_type in (TensorProto.INT8, TensorProto.UINT8)}
+    return {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8}
+
+
+def test_static_int8_writes_qdq_nodes_and_int8_weights_and_keeps_decisions(
+    onnx_source: Variant, variants_workdir: Path
+) -> None:
+    child = OrtInt8Static().apply(onnx_source, variants_workdir)
+    model = model_of(child, variants_workdir)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") >= 2 and ops.count("DequantizeLinear") >= 4
+    assert len(quantized_weights(model)) == 2  # both Gemm weight matrices
+    assert child.precision == "int8"
+    x = random_inputs(256, seed=11)
+    got, expected = run(child, variants_workdir, x), torch_reference(x)
+    assert float((got.argmax(1) == expected.argmax(1)).mean()) >= 0.95
+    assert not np.allclose(got, expected, atol=1e-6)  # really quantized, not a float copy
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"nodes_to_exclude": [SECOND_GEMM]},
+        {"keep_last": 1},
+        {"keep_first": 1},
+        {"op_types_to_exclude": ["Gemm"]},
+    ],
+)
+def test_static_int8_keeps_excluded_nodes_in_float(
+    config: dict[str, object], onnx_source: Variant, variants_workdir: Path
+) -> None:
+    model = model_of(OrtInt8Static(config).apply(onnx_source, variants_workdir), variants_workdir)
+    gemms = {n.name: n for n in model.graph.node if n.op_type == "Gemm"}
+    floats = {i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT}
+    expected_float = {
+        "nodes_to_exclude": {SECOND_GEMM},
+        "keep_last": {SECOND_GEMM},
+        "keep_first": {FIRST_GEMM},
+        "op_types_to_exclude": {FIRST_GEMM, SECOND_GEMM},
+    }[next(iter(config))]
+    for name, node in gemms.items():
+        weight_is_float = node.input[1] in floats
+        assert weight_is_float == (name in expected_float), f"{name}: float weight = {weight_is_float}"
+
+
+def test_static_int8_refuses_an_unknown_node_name(onnx_source: Variant, variants_workdir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"no node named 'Gemm_7'.*Gemm_0"):
+        OrtInt8Static({"nodes_to_exclude": ["Gemm_7"]}).apply(onnx_source, variants_workdir)
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile", "distribution"])
+def test_static_int8_accepts_each_calibration_method(method: str) -> None:
+    assert OrtInt8Static({"calibrate_method": method}).config.calibrate_method == method
+
+
+@pytest.mark.parametrize(
+    ("config", "where"),
+    [
+        ({"calibrate_method": "kl"}, "calibrate_method"),
+        ({"percentile": 100.5}, "percentile"),
+        ({"calibration_samples": 0}, "calibration_samples"),
+        ({"activation_type": "int4"}, "activation_type"),
+        ({"nodes_to_exlude": ["x"]}, "nodes_to_exlude"),
+    ],
+)
+def test_static_int8_refuses_bad_config(config: dict[str, object], where: str) -> None:
+    with pytest.raises(ConfigError, match=f"optimizer ort-int8-static: {where}"):
+        OrtInt8Static(config)
+
+
+def test_static_int8_refuses_an_empty_calibration_set_before_writing_anything(
+    onnx_source: Variant, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty.npy"
+    np.save(empty, np.zeros((0, 16), dtype=np.float32))
+    workdir = tmp_path / "work"
+    optimizer = OrtInt8Static({"calibration_samples": 7})  # a config no other test builds
+    with pytest.raises(ConfigError, match="calibration set is empty"):
+        optimizer.apply(onnx_source, workdir, OptimizeContext(workdir, calibration_path=empty))
+    assert not variant_dir(workdir, optimizer.child_id(onnx_source)).exists()
+    assert not list((workdir / "variants").glob(".*")), "a staging directory was left behind"
+
+
+def test_quantizers_refuse_a_graph_ort_already_fused(onnx_source: Variant, variants_workdir: Path) -> None:
+    fused = OrtGraphOpt().apply(onnx_source, variants_workdir)
+    assert fused.precision == "fp32"
+    for optimizer in (OrtInt8Static(), OrtInt8Dynamic(), OnnxFp16()):
+        assert optimizer.accepts(onnx_source)
+        assert not optimizer.accepts(fused)
+
+
+@pytest.mark.parametrize("level", ["basic", "extended", "all"])
+def test_ort_optimize_levels_keep_outputs(level: str, onnx_source: Variant, variants_workdir: Path) -> None:
+    child = OrtGraphOpt({"level": level}).apply(onnx_source, variants_workdir)
+    x = random_inputs(9, seed=5)
+    np.testing.assert_allclose(run(child, variants_workdir, x), torch_reference(x), atol=1e-4, rtol=1e-4)
+
+
+def test_dynamic_int8_turns_the_linear_layers_into_integer_matmuls(
+    onnx_source: Variant, variants_workdir: Path
+) -> None:
+    child = OrtInt8Dynamic().apply(onnx_source, variants_workdir)
+    ops = [n.op_type for n in model_of(child, variants_workdir).graph.node]
+    assert ops.count("MatMulInteger") == 2 and "Gemm" not in ops
+    kept = OrtInt8Dynamic({"nodes_to_exclude": [SECOND_GEMM]}).apply(onnx_source, variants_workdir)
+    ops = [n.op_type for n in model_of(kept, variants_workdir).graph.node]
+    assert ops.count("MatMulInteger") == 1 and ops.count("MatMul") == 1
+
+
+def test_fp16_halves_the_weights_but_keeps_float32_io(onnx_source: Variant, variants_workdir: Path) -> None:
+    child = OnnxFp16().apply(onnx_source, variants_workdir)
+    model = model_of(child, variants_workdir)
+    weights = [numpy_helper.to_array(i) for i in model.graph.initializer if i.dims]
+    assert weights and all(w.dtype == np.float16 for w in weights)
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    x = random_inputs(32, seed=2)
+    got = run(child, variants_workdir, x)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, torch_reference(x), atol=1e-2, rtol=1e-2)
+    assert child.precision == "fp16"
