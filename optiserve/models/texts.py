@@ -42,9 +42,13 @@ def _docstrings(module_name: str) -> list[str]:
 
 
 def _is_prose(sentence: str) -> bool:
-    words = _WORDS.findall(sentence)
-    letters = sum(len(w) for w in words)
-    return 6 <= len(words) <= 40 and letters >= 0.7 * len(sentence.replace(" ", "")) and ">>>" not in sentence
+    letters = sum(len(w) for w in _WORDS.findall(sentence))
+    tokens = sentence.split()
+    return (
+        6 <= len(tokens) <= 40
+        and letters >= 0.7 * len(sentence.replace(" ", ""))
+        and not any(mark in sentence for mark in (">>>", "<", "http", "::"))
+    )
 
 
 @functools.cache
