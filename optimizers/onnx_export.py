@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -127,8 +128,23 @@ class OnnxExport(Optimizer):
                 )
 
 
+_UNSUPPORTED_OP = (
+    re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)'"),  # dynamo exporter
+    re.compile(r"Exporting the operator '?([\w:.]+)'? to ONNX"),  # torchscript exporter
+    re.compile(r"Unsupported: ONNX export of operator ([\w:.]+)"),
+)
+
+
 def _first_line(e: BaseException) -> str:
+    """The op that has no ONNX conversion when there is one, else the error's first line."""
     text = str(e).strip()
+    for pattern in _UNSUPPORTED_OP:
+        match = pattern.search(text)
+        if match:
+            return (
+                f"operator {match.group(1)} has no ONNX conversion "
+                "(rewrite that part of the model, or try exporter: torchscript)"
+            )
     return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
 

@@ -12,3 +12,19 @@ def mlp() -> nn.Module:
     """16 → 32 → 5, the same weights on every call."""
     torch.manual_seed(1234)
     return nn.Sequential(nn.Linear(N_IN, N_HIDDEN), nn.ReLU(), nn.Linear(N_HIDDEN, N_OUT)).eval()
+
+
+def unexportable() -> torch.nn.Module:
+    """A model with an op (complex eigenvalues) that torch's ONNX exporter cannot convert."""
+
+    class Eigen(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            square = self.linear(x).reshape(-1, 2, 4)[:, :, :2]
+            return torch.linalg.eigvals(square).real.reshape(x.shape[0], -1)
+
+    torch.manual_seed(0)
+    return Eigen().eval()
