@@ -7,12 +7,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 TORCH  := torch==2.13.0
-RUN_EXTRAS  := models,onnx,serve,load
+RUN_EXTRAS  := models,text,onnx,openvino,serve,load
 TEST_EXTRAS := $(RUN_EXTRAS),dev
 ARGS ?=
 PYTEST_ARGS ?= -q
 
-.PHONY: run test lint typecheck pytest venv clean
+.PHONY: run test lint typecheck pytest venv clean system-deps
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,13 @@ typecheck: $(VENV)/.test-deps
 
 pytest: $(VENV)/.test-deps
 	$(PY) -m pytest $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+## system-deps: Debian packages some built-ins and tests use (run as root): Fashion-MNIST for fashion-cnn.
+## Without it fashion-cnn trains on scikit-learn's digits instead; CI installs it.
+SYSTEM_PACKAGES := dataset-fashion-mnist
+system-deps:
+	@if dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1; then echo "system packages present: $(SYSTEM_PACKAGES)"; \
+	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); fi
 
 clean:
 	rm -rf $(VENV) build optiserve-work .mypy_cache .ruff_cache .pytest_cache
