@@ -351,7 +351,7 @@ def _check_plugins(cfg: ExperimentConfig) -> None:
     from optiserve.optimizers.base import Optimizer
     from optiserve.services.runtimes.base import Runtime
 
-    for entry in cfg.optimizers:
+    for entry in cfg.optimizers or ():
         Optimizer.get(entry.name)
     for name in cfg.serving.runtimes or ():
         Runtime.get(name)

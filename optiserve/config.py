@@ -78,7 +78,9 @@ class CalibrationConfig(Strict):
 class ExperimentConfig(Strict):
     model: ModelConfig = ModelConfig()
     workdir: Path = Path("optiserve-work")
-    optimizers: tuple[OptimizerEntry, ...] = (OptimizerEntry(name="onnx-export"),)
+    optimizers: tuple[OptimizerEntry, ...] | None = None
+    """Applied in order, each to every variant it accepts. None: the model's recommended set
+    (`optiserve models` lists it; onnx-export for models that are not built in)."""
     serving: ServingConfig = ServingConfig()
     load: LoadConfig = LoadConfig()
     calibration: CalibrationConfig = CalibrationConfig()

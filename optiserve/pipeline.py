@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from optiserve.config import ExperimentConfig
+from optiserve.config import ExperimentConfig, OptimizerEntry
 from optiserve.errors import ConfigError, OptiserveError, PluginUnavailable
 from optiserve.manifest import list_variants, read_model, variant_dir, write_model
 from optiserve.progress import Steps
@@ -42,6 +42,16 @@ def resolve(config: ExperimentConfig) -> ModelSpec:
     )
 
 
+def optimizer_entries(config: ExperimentConfig, spec: ModelSpec) -> tuple[OptimizerEntry, ...]:
+    """The experiment's optimizers, or the model's recommended ones when it names none."""
+    from optiserve.models.base import BuiltinModel
+
+    if config.optimizers is not None:
+        return config.optimizers
+    names = BuiltinModel.get(spec.ref).default_optimizers if spec.source == "builtin" else ("onnx-export",)
+    return tuple(OptimizerEntry(name=name) for name in names)
+
+
 def optimize_context(config: ExperimentConfig) -> OptimizeContext:
     from optiserve.optimizers.base import OptimizeContext
 
@@ -63,7 +73,7 @@ def optimize(config: ExperimentConfig, spec: ModelSpec, steps: Steps) -> tuple[l
     from optiserve.optimizers.base import Optimizer
     from optiserve.optimizers.source import materialize_source
 
-    optimizers = [Optimizer.get(entry.name)(entry.config) for entry in config.optimizers]
+    optimizers = [Optimizer.get(entry.name)(entry.config) for entry in optimizer_entries(config, spec)]
     ctx = optimize_context(config)
     skipped: dict[str, str] = {}
     runnable = []

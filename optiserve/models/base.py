@@ -21,6 +21,9 @@ Split = Literal["eval", "calibration"]
 class BuiltinModel(Plugin, base=True, package="optiserve.models"):
     extra: ClassVar[str] = "models"
 
+    default_optimizers: ClassVar[tuple[str, ...]] = ("onnx-export",)
+    """What `optiserve run` applies when the experiment names no optimizers."""
+
     data_description: ClassVar[str] = "samples"
     """What :meth:`dataset` returns, for progress lines and reports (e.g. "real-photo crops")."""
 
