@@ -71,6 +71,12 @@ def _accuracy(ev: Evaluation | None) -> str:
     return f"{name} {ev.value:.2e} (n={ev.n_samples})"
 
 
+def _gated_accuracy(ev: Evaluation | None) -> str:
+    """The accuracy cell of the run report: rejected variants say so (they were not load-tested)."""
+    text = _accuracy(ev)
+    return f"{text} — rejected" if ev is not None and not ev.passed else text
+
+
 def _cells(row: ReportRow, users: int) -> tuple[str, str, str]:
     r = next((r for r in row.results if r.load.users == users), None)
     if r is None:
@@ -104,7 +110,7 @@ def render_table(report: Report) -> Table:
             row.runtime,
             row.precision,
             _mb(row.size_bytes),
-            _accuracy(row.accuracy),
+            _gated_accuracy(row.accuracy),
         ]
         for users in levels:
             lat, rps, errs = _cells(row, users)
@@ -134,7 +140,7 @@ def render_markdown(report: Report) -> str:
             row.runtime,
             row.precision,
             _mb(row.size_bytes),
-            _accuracy(row.accuracy),
+            _gated_accuracy(row.accuracy),
         ]
         for users in levels:
             cells.extend(_cells(row, users))
