@@ -151,3 +151,35 @@ def sample_input(parent: Variant) -> Any:
     if spec.dtype.startswith("float"):
         return rng.standard_normal((1, *spec.sample_shape)).astype(spec.dtype)
     return rng.integers(0, 10, size=(1, *spec.sample_shape)).astype(spec.dtype)
+
+
+def channel_means(path: Path, tensors: list[str], samples: Any, batch: int = 32) -> dict[str, Any]:
+    """Per-channel means (axis 1; the last axis of 2-D tensors) of intermediate ``tensors`` of the
+    model at ``path`` over ``samples``, accumulated batch by batch so memory stays bounded."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    model = load(path)
+    present = {o.name for o in model.graph.output}
+    for name in tensors:
+        if name not in present:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise OptimizationError(f"cannot expose intermediate tensors of {path.name}: {first_line(e)}") from e
+    wanted = set(tensors)
+    names = [o.name for o in session.get_outputs()]
+    input_name = session.get_inputs()[0].name
+    sums: dict[str, Any] = {}
+    for start in range(0, len(samples), batch):
+        chunk = np.ascontiguousarray(samples[start : start + batch])
+        for name, value in zip(names, session.run(None, {input_name: chunk}), strict=True):
+            if name in wanted:
+                channel = 1 if value.ndim > 2 else value.ndim - 1
+                axes = tuple(i for i in range(value.ndim) if i != channel)
+                sums[name] = sums.get(name, 0.0) + value.astype(np.float64).mean(axis=axes) * len(chunk)
+    return {name: total / len(samples) for name, total in sums.items()}

@@ -46,6 +46,10 @@ class OrtInt8StaticConfig(OptimizerConfig):
     """Keep the first N compute nodes (Conv, Gemm, MatMul) in float."""
     keep_last: int = Field(0, ge=0)
     """Keep the last N compute nodes in float (often the classifier)."""
+    bias_correction: bool = True
+    """Shift each quantized Conv/Gemm bias by the mean output error its rounded weights cause on the
+    calibration data (Nagel et al., 2019). Cheap, and on EfficientNet-Lite0 it removes most of the
+    damage: weight rounding errors do not average out through depthwise convolutions."""
     extra_options: dict[str, bool | int | float | str] = Field(default_factory=dict)
     """Passed to ``quantize_static`` as is (e.g. ``{"CalibMovingAverage": true}``)."""
 
@@ -83,6 +87,8 @@ class OrtInt8Static(Optimizer):
             model = common.load(source)
             excluded = self.excluded_nodes(model)
             self._quantize(source, path, samples, parent.model.inputs[0].name, excluded)
+            if self.config.bias_correction:
+                correct_biases(source, path, samples)
         common.smoke_run(path, samples[:1], "ort-int8-static")
         return Produced(format="onnx", precision="int8", artifacts={"model": path.name})
 
@@ -128,6 +134,82 @@ class OrtInt8Static(Optimizer):
             )
         except Exception as e:
             raise OptimizationError(f"static INT8 quantization failed: {common.first_line(e)}") from e
+
+
+def correct_biases(float_path: Path, quant_path: Path, samples: np.ndarray) -> int:
+    """Rewrite the int32 biases of ``quant_path`` so each layer's mean output matches the float model's.
+
+    The error of a layer with rounded weights ``W + ΔW`` is ``ΔW·x``; its mean per output channel is
+    ``ΔW·E[x]``, with ``E[x]`` the float model's per-channel input means (spatial borders ignored).
+    Returns how many biases were corrected.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    fmodel, qmodel = common.load(float_path), common.load(quant_path)
+    fnodes = {n.name: n for n in fmodel.graph.node}
+    finit = {i.name: i for i in fmodel.graph.initializer}
+    qinit = {i.name: i for i in qmodel.graph.initializer}
+    producer = {out: n for n in qmodel.graph.node for out in n.output}
+    targets = []
+    for node in qmodel.graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.name not in fnodes:
+            continue
+        wdq, bdq = producer.get(node.input[1]), producer.get(node.input[2])
+        if _const_dq(wdq, qinit) and _const_dq(bdq, qinit) and fnodes[node.name].input[1] in finit:
+            targets.append((node, wdq, bdq))
+    if not targets:
+        return 0
+    means = common.channel_means(
+        float_path, sorted({fnodes[n.name].input[0] for n, _, _ in targets}), samples
+    )
+    for node, wdq, bdq in targets:
+        fnode = fnodes[node.name]
+        error = _dequantize(wdq, qinit) - numpy_helper.to_array(finit[fnode.input[1]]).astype("float64")
+        shift = _mean_output_error(node, error, means[fnode.input[0]])
+        bias = bdq.input[0]
+        scale = numpy_helper.to_array(qinit[bdq.input[1]]).astype("float64")
+        corrected = (numpy_helper.to_array(qinit[bias]) * scale - shift) / scale
+        qinit[bias].CopyFrom(
+            numpy_helper.from_array(corrected.round().clip(-(2**31), 2**31 - 1).astype("int32"), bias)
+        )
+    onnx.save(qmodel, str(quant_path))
+    return len(targets)
+
+
+def _const_dq(node: onnx.NodeProto | None, inits: dict[str, onnx.TensorProto]) -> bool:
+    return (
+        node is not None and node.op_type == "DequantizeLinear" and all(i in inits for i in node.input if i)
+    )
+
+
+def _dequantize(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndarray:
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    q = numpy_helper.to_array(inits[dq.input[0]]).astype("float64")
+    scale = numpy_helper.to_array(inits[dq.input[1]]).astype("float64")
+    has_zero = len(dq.input) > 2 and dq.input[2]
+    zero = numpy_helper.to_array(inits[dq.input[2]]).astype("float64") if has_zero else 0.0
+    axis = next((helper.get_attribute_value(a) for a in dq.attribute if a.name == "axis"), 1)
+    shape = [1] * q.ndim
+    if scale.ndim:
+        shape[axis] = -1
+    return (q - np.reshape(zero, shape)) * np.reshape(scale, shape)  # type: ignore[no-any-return]
+
+
+def _mean_output_error(node: onnx.NodeProto, error: np.ndarray, mean_in: np.ndarray) -> np.ndarray:
+    import numpy as np
+    from onnx import helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Gemm":
+        return error @ mean_in if attrs.get("transB", 0) else mean_in @ error  # type: ignore[no-any-return]
+    groups = int(attrs.get("group", 1))
+    out_channels, in_per_group = error.shape[:2]
+    per_input = error.reshape(out_channels, in_per_group, -1).sum(axis=-1)
+    group_of = np.arange(out_channels) // (out_channels // groups)
+    return np.einsum("oi,oi->o", per_input, mean_in.reshape(groups, in_per_group)[group_of])  # type: ignore[no-any-return]
 
 
 class _Reader:

@@ -157,3 +157,23 @@ def test_fp16_halves_the_weights_but_keeps_float32_io(onnx_source: Variant, vari
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, torch_reference(x), atol=1e-2, rtol=1e-2)
     assert child.precision == "fp16"
+
+
+def test_bias_correction_rewrites_int32_biases_and_removes_the_mean_output_error(
+    onnx_source: Variant, variants_workdir: Path
+) -> None:
+    plain = OrtInt8Static({"bias_correction": False}).apply(onnx_source, variants_workdir)
+    corrected = OrtInt8Static().apply(onnx_source, variants_workdir)
+
+    def int32_biases(v: Variant) -> dict[str, np.ndarray]:
+        inits = model_of(v, variants_workdir).graph.initializer
+        return {i.name: numpy_helper.to_array(i) for i in inits if i.data_type == TensorProto.INT32}
+
+    before, after = int32_biases(plain), int32_biases(corrected)
+    assert before.keys() == after.keys() and {"b1_quantized", "b2_quantized"} <= before.keys()
+    assert any(not np.array_equal(before[k], after[k]) for k in before)
+    x = random_inputs(2000, seed=21)
+    expected = torch_reference(x)
+    bias_before = np.abs((run(plain, variants_workdir, x) - expected).mean(axis=0)).sum()
+    bias_after = np.abs((run(corrected, variants_workdir, x) - expected).mean(axis=0)).sum()
+    assert bias_after < 0.7 * bias_before, (bias_before, bias_after)
