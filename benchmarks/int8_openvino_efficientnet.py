@@ -9,8 +9,13 @@ the calibration crops every optimizer saw) and the batch-1 speed-up over ONNX Ru
 runtime with the same intra-op threads, timed in one process in interleaved rounds (the median of
 each runtime's per-call times; ratios are what to compare, absolute times depend on the machine).
 
-    python benchmarks/int8_openvino_efficientnet.py                    # ~5-15 min on 2 cores
-    python benchmarks/int8_openvino_efficientnet.py --skip-ac --rounds 5
+    python benchmarks/int8_openvino_efficientnet.py                    # ~5 min on 2 cores
+    python benchmarks/int8_openvino_efficientnet.py --ac --max-drop 0.01 0.05   # adds nncf-int8-ac
+
+Measured on 2 shared cores of a Xeon with AVX512-VNNI/BF16 (eval: 500 crops; busy machine):
+ORT fp32 1.00x; OV fp32 1.000 / 0.99x; OV fp16-weights 0.990 / 0.98x; nncf-int8 with NNCF's
+defaults 0.702 / 2.45x; nncf-int8 with this project's defaults (minmax activation ranges, no
+overflow fix) 0.772 / 2.28x. The >= 0.99 agreement target is not met by any INT8 recipe tried.
 
 The accuracy-controlled variant validates on calibration crops only: it is given
 ``--calibration-samples + --ac-validation-samples`` calibration crops and holds the last
@@ -49,7 +54,7 @@ def build(args: argparse.Namespace, workdir: Path) -> list[tuple[str, Variant, s
         t = time.perf_counter()
         out.append((label, Optimizer.get("nncf-int8")(config).apply(ir, workdir, ctx), "openvino"))
         print(f"built {label} in {time.perf_counter() - t:.0f}s", flush=True)
-    if not args.skip_ac:
+    if args.ac:
         n_val = args.ac_validation_samples
         total = args.calibration_samples + n_val
         ac_ctx = OptimizeContext(workdir, calibration_samples=total, threads=args.threads)
@@ -95,7 +100,9 @@ def main() -> None:
     parser.add_argument("--calibration-samples", type=int, default=300)
     parser.add_argument("--ac-validation-samples", type=int, default=500)
     parser.add_argument("--max-drop", type=float, nargs="+", default=[0.01])
-    parser.add_argument("--skip-ac", action="store_true", help="no accuracy-controlled variant")
+    parser.add_argument(
+        "--ac", action="store_true", help="also build nncf-int8-ac (slow: well over 30 min on 2 busy cores)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--calls", type=int, default=20)
