@@ -119,7 +119,7 @@ def accuracy(module: torch.nn.Module, x: np.ndarray, y: np.ndarray, batch_size: 
 
 
 class FineTuneConfig(OptimizerConfig):
-    """Recovery after a lossy change: see :func:`maybe_fine_tune`."""
+    """Recovery after a lossy change (see :func:`maybe_fine_tune`) and the agreement guard."""
 
     epochs: int = Field(default=1, ge=0)
     """Passes over the fine-tuning samples; 0 switches fine-tuning off."""
@@ -129,6 +129,10 @@ class FineTuneConfig(OptimizerConfig):
     max_samples: int = Field(default=10_000, ge=1)
     """At most this many training samples (a seeded subset), to keep fine-tuning short."""
     seed: int = 0
+    min_agreement: float | None = Field(default=0.9, gt=0, le=1)
+    """Guard: the result must agree with its parent's top-1 on at least this fraction of held-out
+    samples, else the change is made milder and tried again (up to 3 times; then an error).
+    None switches the guard off."""
 
 
 def maybe_fine_tune(
@@ -138,32 +142,84 @@ def maybe_fine_tune(
     ctx: OptimizeContext,
     config: FineTuneConfig,
     label: str,
-) -> str:
-    """Recover the accuracy a lossy change cost, in place; returns what was done, in words.
+) -> tuple[str, float]:
+    """Recover the accuracy a lossy change cost, in place; returns (what was done, held-out agreement).
 
-    With training data (labels): fine-tune on a seeded subset of at most ``max_samples``. Without:
-    train ``module`` to reproduce ``teacher``'s outputs (the unmodified parent) on the calibration
-    samples, for the same number of sample passes (``epochs × max_samples``). ``epochs=0``: nothing.
+    With training data (labels): fine-tune on a seeded subset of at most ``max_samples``, and measure
+    top-1 agreement with ``teacher`` (the unmodified parent) on the calibration samples, which are
+    disjoint from the training data. Without: train ``module`` to reproduce ``teacher``'s outputs on
+    two thirds of the calibration samples (for ``epochs × max_samples`` sample passes) and measure on
+    the other third. ``epochs=0``: no training, agreement on all calibration samples.
     """
     import numpy as np
     import torch
 
     from optiserve.progress import Steps
 
+    calibration = ctx.calibration(spec)
+    data = ctx.training(spec) if config.epochs else None
+    check = calibration
     if config.epochs == 0:
-        return "not fine-tuned (epochs=0)"
-    data = ctx.training(spec)
-    if data is not None:
-        x, y = data
-        idx = np.sort(np.random.default_rng(config.seed).permutation(len(x))[: config.max_samples])
-        x, y, epochs, what = x[idx], y[idx], config.epochs, "fine-tuned on {n} labelled samples"
+        x, y, epochs, what = calibration[:0], None, 0, "not fine-tuned (epochs=0)"
+    elif data is not None:
+        idx = np.sort(np.random.default_rng(config.seed).permutation(len(data[0]))[: config.max_samples])
+        x, y, epochs, what = data[0][idx], data[1][idx], config.epochs, "fine-tuned on {n} labelled samples"
     else:
-        x = ctx.calibration(spec)
+        cut = max(1, (2 * len(calibration)) // 3)
+        x, check = calibration[:cut], calibration[cut:] if cut < len(calibration) else calibration
         with torch.inference_mode():
             y = teacher.eval()(torch.from_numpy(x)).numpy()
-        epochs = config.epochs * max(1, config.max_samples // max(1, len(x)))
+        epochs = config.epochs * max(1, config.max_samples // len(x))
         what = "trained to match the parent on {n} calibration samples"
-    total = steps_for(len(x), epochs, config.batch_size)
-    with Steps().task(f"{label}: {what.format(n=len(x))}", total=total) as advance:
-        fine_tune(module, x, y, epochs, config.lr, config.batch_size, config.seed, on_step=advance)
-    return what.format(n=len(x))
+    if epochs and y is not None:
+        total = steps_for(len(x), epochs, config.batch_size)
+        with Steps().task(f"{label}: {what.format(n=len(x))}", total=total) as advance:
+            fine_tune(module, x, y, epochs, config.lr, config.batch_size, config.seed, on_step=advance)
+    return what.format(n=len(x)), agreement(module, teacher, check)
+
+
+def agreement(module: torch.nn.Module, reference: torch.nn.Module, x: np.ndarray) -> float:
+    """Fraction of ``x`` on which both modules give the same top-1 class."""
+    import torch
+
+    with torch.inference_mode():
+        a = module.eval()(torch.from_numpy(x)).argmax(1)
+        b = reference.eval()(torch.from_numpy(x)).argmax(1)
+    return float((a == b).float().mean())
+
+
+def guarded(
+    attempt: Callable[[float], tuple[torch.nn.Module, torch.nn.Module] | None],
+    levels: list[float],
+    spec: ModelSpec,
+    ctx: OptimizeContext,
+    config: FineTuneConfig,
+    label: str,
+) -> tuple[torch.nn.Module, float] | None:
+    """Apply a lossy change at the first of ``levels`` (mildest last) whose result passes the guard.
+
+    ``attempt(level)`` returns (changed module, unchanged parent), or None when there is nothing to
+    change at that level. Returns (recovered module, level used), None if nothing changed, and raises
+    an OptimizationError when even the mildest level fails ``min_agreement``.
+    """
+    from optiserve.errors import OptimizationError
+    from optiserve.progress import Steps
+
+    agreed = 1.0
+    for level in levels if config.min_agreement is not None else levels[:1]:
+        made = attempt(level)
+        if made is None:
+            return None
+        module, teacher = made
+        what, agreed = maybe_fine_tune(module, teacher, spec, ctx, config, label)
+        if config.min_agreement is None or agreed >= config.min_agreement:
+            return module, level
+        Steps().note(
+            f"{label}: at {level:.3g}, {what}, agrees with its parent on {agreed:.0%} of held-out "
+            f"samples (< min_agreement {config.min_agreement}); trying a milder setting"
+        )
+    raise OptimizationError(
+        f"{label}: even at {levels[-1]:.3g} the result agrees with its parent on only {agreed:.0%} "
+        f"of held-out samples (min_agreement {config.min_agreement})",
+        hint="give the model training data, lower min_agreement, or set it to null",
+    )

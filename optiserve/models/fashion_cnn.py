@@ -233,7 +233,7 @@ def trained(recipe: Recipe = Recipe(), *, progress: bool = True) -> torch.nn.Mod
     """The model trained with ``recipe``: from the cache when present, else trained and cached."""
     import torch
 
-    module = architecture(recipe.width, recipe.hidden)
+    module: torch.nn.Module = architecture(recipe.width, recipe.hidden)
     path = cache_dir() / f"fashion-cnn-{recipe.key(_raw()[1])}.pt"
     if path.is_file():
         try:
@@ -285,7 +285,8 @@ class FashionCnn(BuiltinModel):
     @classmethod
     def targets(cls, split: Split, n: int) -> np.ndarray:
         _, y = _raw()[0]["test"]
-        return y[_split_indices(split, n)]
+        labels: np.ndarray = y[_split_indices(split, n)]
+        return labels
 
     @classmethod
     def training_data(cls) -> tuple[np.ndarray, np.ndarray]:
