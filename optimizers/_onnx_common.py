@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 """The ops that carry weights and most of the time: what "the first/last N nodes" counts."""
 
+KEEP_FLOAT_OPTIMIZERS = ("WeightBiasQuantization",)
+"""ORT (>= 1.20) graph passes that quantize float weights of a Conv/Gemm fed by a DequantizeLinear, per
+tensor: they undo "keep this node in float" and ruin depthwise convolutions. Sessions that must
+compute an excluded node in float disable them."""
+
 GRAPH_REWRITERS = ("ort-optimize",)
 """Steps whose output holds ORT-internal fused ops (FusedConv, NCHWc ...) that other tools cannot read."""
 
@@ -168,7 +173,12 @@ def channel_means(path: Path, tensors: list[str], samples: Any, batch: int = 32)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            model.SerializeToString(),
+            options,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=list(KEEP_FLOAT_OPTIMIZERS),
+        )
     except Exception as e:
         raise OptimizationError(f"cannot expose intermediate tensors of {path.name}: {first_line(e)}") from e
     wanted = set(tensors)

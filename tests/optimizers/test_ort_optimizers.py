@@ -177,3 +177,17 @@ def test_bias_correction_rewrites_int32_biases_and_removes_the_mean_output_error
     bias_before = np.abs((run(plain, variants_workdir, x) - expected).mean(axis=0)).sum()
     bias_after = np.abs((run(corrected, variants_workdir, x) - expected).mean(axis=0)).sum()
     assert bias_after < 0.7 * bias_before, (bias_before, bias_after)
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_histogram_calibration_in_strides_quantizes(
+    method: str, onnx_source: Variant, variants_workdir: Path
+) -> None:
+    """45 samples calibrate in 3 strides of 15 (bounded memory); the ranges still give a working model."""
+    child = OrtInt8Static({"calibrate_method": method, "calibration_samples": 45}).apply(
+        onnx_source, variants_workdir
+    )
+    assert len(quantized_weights(model_of(child, variants_workdir))) == 2
+    x = random_inputs(256, seed=12)
+    agreement = float((run(child, variants_workdir, x).argmax(1) == torch_reference(x).argmax(1)).mean())
+    assert agreement >= 0.9
