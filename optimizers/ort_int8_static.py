@@ -45,7 +45,9 @@ class OrtInt8StaticConfig(OptimizerConfig):
     preprocess: bool = True
     """ORT's shape inference and graph cleanup before quantizing (recommended by ORT)."""
     nodes_to_exclude: tuple[str, ...] = ()
-    """Node names kept in float (the sensitive ones)."""
+    """Node names kept in float (the sensitive ones). ONNX Runtime >= 1.20 re-quantizes, per tensor,
+    a float Conv/Gemm whose input comes from a DequantizeLinear (its WeightBiasQuantization pass)
+    unless the session disables that pass; a float prefix (``keep_first``) is not affected."""
     op_types_to_exclude: tuple[str, ...] = ()
     """Op types kept in float everywhere, e.g. ``["Gemm"]`` for the classifier."""
     keep_first: int = Field(0, ge=0)
@@ -159,7 +161,7 @@ def correct_biases(float_path: Path, quant_path: Path, samples: np.ndarray) -> i
     finit = {i.name: i for i in fmodel.graph.initializer}
     qinit = {i.name: i for i in qmodel.graph.initializer}
     producer = {out: n for n in qmodel.graph.node for out in n.output}
-    targets = []
+    targets: list[tuple[Any, Any, Any]] = []  # (node, weight DQ, bias DQ)
     for node in qmodel.graph.node:
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.name not in fnodes:
             continue
