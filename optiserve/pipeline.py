@@ -48,8 +48,11 @@ def optimizer_entries(config: ExperimentConfig, spec: ModelSpec) -> tuple[Optimi
 
     if config.optimizers is not None:
         return config.optimizers
-    names = BuiltinModel.get(spec.ref).default_optimizers if spec.source == "builtin" else ("onnx-export",)
-    return tuple(OptimizerEntry(name=name) for name in names)
+    defaults = BuiltinModel.get(spec.ref).default_optimizers if spec.source == "builtin" else ("onnx-export",)
+    return tuple(
+        OptimizerEntry(name=d) if isinstance(d, str) else OptimizerEntry(name=d[0], config=d[1])
+        for d in defaults
+    )
 
 
 def optimize_context(config: ExperimentConfig) -> OptimizeContext:

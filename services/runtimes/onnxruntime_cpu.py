@@ -30,7 +30,14 @@ class OnnxRuntimeCPU(Runtime):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         path = self.variant_dir / self.variant.artifacts["model"].path
         try:
-            self._session: Any = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            # WeightBiasQuantization (ORT >= 1.20) would re-quantize, per tensor, every float Conv/Gemm that
+            # follows a DequantizeLinear: it silently undoes "keep this node in float" in INT8 variants.
+            self._session: Any = ort.InferenceSession(
+                str(path),
+                options,
+                providers=["CPUExecutionProvider"],
+                disabled_optimizers=["WeightBiasQuantization"],
+            )
         except Exception as e:
             raise ArtifactError(f"ONNX Runtime cannot load {path}: {str(e).strip()[:300]}") from e
         self._input = self._session.get_inputs()[0].name
