@@ -6,8 +6,11 @@ imports a heavy package at module level.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import io
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +43,13 @@ def resolve(config: ExperimentConfig) -> ModelSpec:
     return resolve_model(
         m.ref, input_shape=m.input_shape, input_dtype=m.input_dtype, input_name=m.input_name, name=m.name
     )
+
+
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """Quantization toolkits print progress to stdout; ours goes to stderr, and stdout is for results."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
 
 
 def optimizer_entries(config: ExperimentConfig, spec: ModelSpec) -> tuple[OptimizerEntry, ...]:
@@ -97,7 +107,7 @@ def optimize(config: ExperimentConfig, spec: ModelSpec, steps: Steps) -> tuple[l
         for parent in list(variants):
             if not opt.accepts(parent):
                 continue
-            with steps.task(f"{opt.name}: {parent.id}"):
+            with steps.task(f"{opt.name}: {parent.id}"), _quiet_stdout():
                 try:
                     variants.append(opt.apply(parent, config.workdir, ctx))
                 except OptiserveError as e:
