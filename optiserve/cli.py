@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from optiserve.config import ExperimentConfig, load_config, with_overrides
@@ -320,7 +321,7 @@ def doctor() -> None:
     for col in ("kind", "name", "status", "details"):
         table.add_column(col, overflow="fold")
     for kind, name, ok, why in [*plugin_rows(), *tool_rows()]:
-        table.add_row(kind, name, "[green]available[/]" if ok else "[red]unavailable[/]", why)
+        table.add_row(kind, name, "[green]available[/]" if ok else "[red]unavailable[/]", escape(why))
     out.print(table)
 
 
@@ -340,7 +341,7 @@ def models() -> None:
         shape = "–"
         if avail.ok:
             shape = " × ".join("N" if d is None else str(d) for d in cls.spec().inputs[0].shape)
-        table.add_row(name, cls.description, shape, "available" if avail.ok else avail.reason)
+        table.add_row(name, escape(cls.description), shape, "available" if avail.ok else escape(avail.reason))
     out.print(table)
     out.print("Also: --model path/to/model.onnx, or --model package.module:factory --input-shape 3,224,224")
 
@@ -390,7 +391,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 def _print_skipped(skipped: dict[str, str]) -> None:
     for what, why in skipped.items():
-        out.print(f"[yellow]skipped[/] {what}: {why}")
+        out.print(f"[yellow]skipped[/] {escape(what)}: {escape(why)}")
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:

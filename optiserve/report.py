@@ -6,6 +6,7 @@ import datetime as dt
 import json
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from optiserve.fsutil import atomic_write_text
@@ -200,5 +201,5 @@ def render_variants_table(model: str, plan: Plan, evaluations: dict[tuple[str, s
             _status(ev),
         )
     for what, why in plan.skipped.items():
-        table.add_row(what, "", "", "", "", "", "", "", f"[yellow]skipped[/]: {why}")
+        table.add_row(escape(what), "", "", "", "", "", "", "", f"[yellow]skipped[/]: {escape(why)}")
     return table

@@ -5,11 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from optiserve.config import ExperimentConfig, OptimizerEntry
+from optiserve.manifest import load_variant, read_model, variant_dir
 from optiserve.models.resolve import resolve_model
 from optiserve.pipeline import optimize
 from optiserve.progress import Steps
+from optiserve.types import Evaluation
 from tests.conftest import error_lines, run_cli
 
 
@@ -69,3 +72,30 @@ def test_an_optimizer_whose_package_is_missing_is_skipped_with_the_install_hint(
     variants, skipped = optimize(config, spec, Steps(enabled=False))
     assert [v.format for v in variants] == ["torch", "onnx"]
     assert "pip install 'optiserve[tensorrt]'" in skipped["tensorrt-fp16"]
+
+
+@pytest.mark.slow
+def test_recommended_optimizers_of_the_default_model(tmp_path: Path) -> None:
+    """What `make run` optimizes: ONNX, OpenVINO IR, and two INT8 variants, each evaluated and gated."""
+    done = run_cli("optimize", "-w", tmp_path / "w", "--eval-samples", "16", cwd=Path.cwd(), timeout=900)
+    assert done.returncode == 0, done.stderr
+    variants = {load_variant(d).id: load_variant(d) for d in (tmp_path / "w" / "variants").iterdir()}
+    kinds = sorted((v.format, v.precision) for v in variants.values())
+    assert kinds == [
+        ("onnx", "fp32"),
+        ("onnx", "int8"),
+        ("openvino", "fp32"),
+        ("openvino", "int8"),
+        ("torch", "fp32"),
+    ]
+    for variant in variants.values():
+        (path,) = variant_dir(tmp_path / "w", variant.id).glob("evaluation.*.json")
+        ev = read_model(path, Evaluation)
+        assert ev.metric == "top1_agreement" and ev.n_samples == 16 and ev.latency is not None
+        if variant.precision == "fp32":
+            assert ev.passed and ev.value == 1.0
+        assert ev.passed == (ev.value >= 0.99), "the gate is 0.99 × FP32's agreement (1.0)"
+        assert ("rejected" in done.stdout) == any(
+            not read_model(p, Evaluation).passed
+            for p in (tmp_path / "w" / "variants").glob("*/evaluation.*.json")
+        )

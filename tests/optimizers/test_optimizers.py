@@ -25,6 +25,8 @@ def optimized(
     cls = Optimizer.get(request.param)
     if cls.needs_cuda and not cls.availability().ok:
         pytest.skip(f"{cls.name}: {cls.availability().reason}")
+    if cls.needs_training_data:
+        pytest.skip(f"{cls.name} trains: the tiny model has no training data (test_training_optimizers.py)")
     optimizer = cls()
     parent = parent_for(optimizer, variants_by_format, variants_workdir)
     return optimizer, parent, optimizer.apply(parent, variants_workdir)
