@@ -65,7 +65,7 @@ def tool_rows() -> list[Row]:
         _package("bentoml", "serve"),
         _package("locust", "load"),
         _binary("prometheus", "server-side metrics", "apt-get install prometheus"),
-        _binary("helm", "Kubernetes deploy", "see README: Kubernetes"),
+        _binary("helm", "Kubernetes deploy", "needed once the Helm chart lands"),
         _binary("chromium", "HTML report checks", "apt-get install chromium"),
         _cluster(),
         ("hardware", "cuda", ok, why),

@@ -82,19 +82,20 @@ class Plugin:
 
     @classmethod
     def availability(cls) -> Availability:
-        missing = [pkg for pkg in cls.requires if importlib.util.find_spec(pkg) is None]
-        if missing:
-            hint = (
-                f"pip install 'optiserve[{cls.extra}]'" if cls.extra else f"pip install {' '.join(missing)}"
-            )
-            return Availability(False, f"missing {', '.join(missing)}: {hint}")
+        reasons = []
         if cls.needs_cuda:
             from optiserve.hardware import cuda_available
 
             ok, why = cuda_available()
             if not ok:
-                return Availability(False, why)
-        return Availability(True, "")
+                reasons.append(f"needs a CUDA GPU ({why})")
+        missing = [pkg for pkg in cls.requires if importlib.util.find_spec(pkg) is None]
+        if missing:
+            hint = (
+                f"pip install 'optiserve[{cls.extra}]'" if cls.extra else f"pip install {' '.join(missing)}"
+            )
+            reasons.append(f"missing {', '.join(missing)}: {hint}")
+        return Availability(not reasons, "; ".join(reasons))
 
     @classmethod
     def require_available(cls) -> None:

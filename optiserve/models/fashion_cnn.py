@@ -28,7 +28,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from optiserve.errors import ModelError
 from optiserve.models.base import BuiltinModel, Split
@@ -261,6 +261,12 @@ class FashionCnn(BuiltinModel):
     )
     requires: ClassVar[tuple[str, ...]] = ("torch", "sklearn")
     data_description: ClassVar[str] = "28×28 test images (Fashion-MNIST, or digits when absent)"
+    # distill and qat-int8 train for minutes on 2 cores: ask for them with -o.
+    default_optimizers: ClassVar[tuple[str | tuple[str, dict[str, Any]], ...]] = (
+        "prune-channels",
+        "onnx-export",
+        "ort-int8-static",
+    )
 
     @classmethod
     def spec(cls) -> ModelSpec:
