@@ -175,3 +175,14 @@ class Optimizer(Plugin, base=True, package="optiserve.optimizers"):
             )
             write_variant(out, child)
         return child
+
+
+class TorchTransform(Optimizer):
+    """Base of the optimizers that turn a torch model into another torch model (pruning, low-rank,
+    distillation): lossy, and served by torch or exported afterwards. Not registered itself (no name)."""
+
+    requires: ClassVar[tuple[str, ...]] = ("torch",)
+    extra: ClassVar[str] = "models"
+    input_formats: ClassVar[tuple[ArtifactFormat, ...]] = ("torch",)
+    output_format: ClassVar[ArtifactFormat | None] = "torch"
+    lossy: ClassVar[bool] = True

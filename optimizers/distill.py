@@ -23,9 +23,9 @@ from pydantic import Field
 
 from optiserve.artifacts import load_torch_variant, parameter_count
 from optiserve.errors import ArtifactError, OptimizationError
-from optiserve.types import ArtifactFormat, Variant
+from optiserve.types import Variant
 
-from .base import OptimizeContext, Optimizer, OptimizerConfig, Produced
+from .base import OptimizeContext, OptimizerConfig, Produced, TorchTransform
 
 if TYPE_CHECKING:
     import numpy as np
@@ -52,15 +52,10 @@ class DistillConfig(OptimizerConfig):
     """Seeds the student's initialisation and the batch order."""
 
 
-class Distill(Optimizer):
+class Distill(TorchTransform):
     name: ClassVar[str] = "distill"
     tag: ClassVar[str] = "distill"
     description: ClassVar[str] = "knowledge distillation into a narrower student, on the training set"
-    requires: ClassVar[tuple[str, ...]] = ("torch",)
-    extra: ClassVar[str] = "models"
-    input_formats: ClassVar[tuple[ArtifactFormat, ...]] = ("torch",)
-    output_format: ClassVar[ArtifactFormat | None] = "torch"
-    lossy: ClassVar[bool] = True
     needs_training_data: ClassVar[bool] = True
     Config = DistillConfig
     config: DistillConfig

@@ -30,10 +30,10 @@ from optiserve.artifacts import (
     save_torch_variant,
 )
 from optiserve.progress import Steps
-from optiserve.types import ArtifactFormat, Variant
+from optiserve.types import Variant
 
 from ._torch_train import FineTuneConfig, guarded
-from .base import OptimizeContext, Optimizer, Produced
+from .base import OptimizeContext, Produced, TorchTransform
 
 if TYPE_CHECKING:
     import torch
@@ -48,15 +48,10 @@ class LowRankConfig(FineTuneConfig):
     """Layers with fewer inputs or outputs than this are left alone (nothing to gain)."""
 
 
-class LowRankSvd(Optimizer):
+class LowRankSvd(TorchTransform):
     name: ClassVar[str] = "lowrank-svd"
     tag: ClassVar[str] = "lowrank"
     description: ClassVar[str] = "truncated-SVD factorization of Linear/1×1 conv layers + fine-tuning"
-    requires: ClassVar[tuple[str, ...]] = ("torch",)
-    extra: ClassVar[str] = "models"
-    input_formats: ClassVar[tuple[ArtifactFormat, ...]] = ("torch",)
-    output_format: ClassVar[ArtifactFormat | None] = "torch"
-    lossy: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = True  # only read when the model has no training data
     Config = LowRankConfig
     config: LowRankConfig

@@ -35,10 +35,10 @@ from optiserve.artifacts import (
     save_torch_variant,
 )
 from optiserve.errors import OptimizationError
-from optiserve.types import ArtifactFormat, Variant
+from optiserve.types import Variant
 
 from ._torch_train import FineTuneConfig, guarded
-from .base import OptimizeContext, Optimizer, Produced
+from .base import OptimizeContext, Produced, TorchTransform
 
 if TYPE_CHECKING:
     import torch
@@ -58,15 +58,10 @@ class PruneChannelsConfig(FineTuneConfig):
     epochs: int = Field(default=2, ge=0)
 
 
-class PruneChannels(Optimizer):
+class PruneChannels(TorchTransform):
     name: ClassVar[str] = "prune-channels"
     tag: ClassVar[str] = "pruned"
     description: ClassVar[str] = "structured channel/neuron pruning (smaller dense layers) + fine-tuning"
-    requires: ClassVar[tuple[str, ...]] = ("torch",)
-    extra: ClassVar[str] = "models"
-    input_formats: ClassVar[tuple[ArtifactFormat, ...]] = ("torch",)
-    output_format: ClassVar[ArtifactFormat | None] = "torch"
-    lossy: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = True  # only read when the model has no training data
     Config = PruneChannelsConfig
     config: PruneChannelsConfig

@@ -23,10 +23,10 @@ from pydantic import Field
 
 from optiserve.artifacts import load_torch_variant, parameter_count, read_architecture, save_torch_variant
 from optiserve.errors import OptimizationError
-from optiserve.types import ArtifactFormat, Variant
+from optiserve.types import Variant
 
 from ._torch_train import FineTuneConfig, guarded
-from .base import OptimizeContext, Optimizer, Produced
+from .base import OptimizeContext, Produced, TorchTransform
 
 if TYPE_CHECKING:
     import torch
@@ -39,15 +39,10 @@ class PruneMagnitudeConfig(FineTuneConfig):
     """``global``: the smallest weights of the whole model; ``layer``: ``amount`` of each layer."""
 
 
-class PruneMagnitude(Optimizer):
+class PruneMagnitude(TorchTransform):
     name: ClassVar[str] = "prune-magnitude"
     tag: ClassVar[str] = "sparse"
     description: ClassVar[str] = "unstructured L1 magnitude pruning + fine-tuning (zeros; no dense speed-up)"
-    requires: ClassVar[tuple[str, ...]] = ("torch",)
-    extra: ClassVar[str] = "models"
-    input_formats: ClassVar[tuple[ArtifactFormat, ...]] = ("torch",)
-    output_format: ClassVar[ArtifactFormat | None] = "torch"
-    lossy: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = True  # only read when the model has no training data
     Config = PruneMagnitudeConfig
     config: PruneMagnitudeConfig
