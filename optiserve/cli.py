@@ -199,6 +199,7 @@ def serve(
     model: ModelOpt = None,
     workdir: WorkdirOpt = None,
     runtime: RuntimeOpt = None,
+    input_shape: InputShapeOpt = None,
     variant: Annotated[
         list[str] | None, typer.Option("--variant", "-v", help="Variant ids (default: all).")
     ] = None,
@@ -217,7 +218,7 @@ def serve(
     from optiserve import pipeline
     from optiserve.deploy.local import LocalDeployment
 
-    cfg = _config(config, model=model, workdir=workdir, runtimes=runtime)
+    cfg = _config(config, model=model, workdir=workdir, runtimes=runtime, input_shape=input_shape)
     p = _existing_plan(cfg, variant)
     with LocalDeployment(cfg.workdir, ready_timeout_s=cfg.serving.ready_timeout_s) as deployment:
         table = Table(title="Serving (Ctrl-C stops every server)")
@@ -243,6 +244,7 @@ def bench(
     duration: DurationOpt = None,
     warmup: WarmupOpt = None,
     runtime: RuntimeOpt = None,
+    input_shape: InputShapeOpt = None,
     variant: Annotated[
         list[str] | None, typer.Option("--variant", "-v", help="Variant ids (default: all).")
     ] = None,
@@ -252,6 +254,7 @@ def bench(
     Example: [bold]optiserve bench --model efficientnet-lite0 -c 1,8 --duration 20[/]
     """
     from optiserve import pipeline
+    from optiserve.manifest import write_model
     from optiserve.report import build_report, render_table, write_report
 
     cfg = _config(
@@ -262,12 +265,18 @@ def bench(
         duration=duration,
         warmup=warmup,
         runtimes=runtime,
+        input_shape=input_shape,
     )
     p = _existing_plan(cfg, variant)
     run_dir = pipeline.new_run_dir(cfg.workdir)
     _write_json(run_dir / "skipped.json", p.skipped)
     results = pipeline.bench(cfg, p, run_dir, Steps())
-    report = build_report(p.spec.name, {v.id: v for v in p.variants}, results, [], p.skipped)
+    # The accuracy figures are the latest ones `optimize`/`run` wrote beside each benchmarked variant.
+    served = {(v.id, rt) for v, rt in p.pairs}
+    evaluations = [ev for key, ev in pipeline.stored_evaluations(cfg, p.variants).items() if key in served]
+    for ev in evaluations:
+        write_model(run_dir / "eval" / f"{ev.variant_id}.{ev.runtime}.json", ev)
+    report = build_report(p.spec.name, {v.id: v for v in p.variants}, results, evaluations, p.skipped)
     _, md_path = write_report(report, run_dir)
     out.print(render_table(report))
     out.print(f"Report: {md_path}")

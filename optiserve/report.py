@@ -196,7 +196,9 @@ def render_variants_table(model: str, plan: Plan, evaluations: dict[tuple[str, s
             _mb(variant.size_bytes),
             f"{variant.parameters:,}" if variant.parameters else "–",
             _accuracy(ev),
-            f"{lat.batch1_p50_ms:.2f}" if lat else "–",
+            (f"{lat.batch1_p50_ms:.2f}" if lat.batch1_p50_ms >= 0.1 else f"{lat.batch1_p50_ms:.4f}")
+            if lat
+            else "–",
             f"{lat.batch_throughput:,.0f}/s @{lat.batch}" if lat else "–",
             _status(ev),
         )

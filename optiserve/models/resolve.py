@@ -9,7 +9,9 @@ Accepted forms, checked in this order:
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -127,6 +129,9 @@ def build_torch_module(spec: ModelSpec) -> torch.nn.Module:
         import torch
 
         module_name, attr = spec.ref.split(":")
+        # Like `python -m`, look in the current directory first (console scripts do not put it on sys.path).
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
         try:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as e:
