@@ -31,9 +31,17 @@ from optiserve.optimizers.source import materialize_source
 from optiserve.types import Variant
 
 GOAL_AGREEMENT, GOAL_SPEEDUP = 0.99, 1.4
-RECIPE = {"keep_first": 3}
-"""The best recipe found: the optimizer's defaults (percentile calibration, per-channel weights, bias
-correction) plus the stem and the first block kept in float."""
+RECIPE = {
+    "keep_first": 3,
+    "keep_last": 1,
+    "percentile": 99.99,
+    "empirical_bias_correction": True,
+    "bias_correction_samples": 128,
+}
+"""The best recipe found (chosen on held-out calibration crops): the optimizer's defaults (percentile
+calibration, per-channel weights, weight bias correction) with percentile 99.99, the stem, the first
+block and the classifier kept in float (the classifier costs no measurable time), and the measured
+layer-by-layer bias correction on 128 calibration crops. It does not reach the 99% goal."""
 
 
 def session(variant: Variant, workdir: Path, threads: int):  # type: ignore[no-untyped-def]
