@@ -85,7 +85,7 @@ def empirical_bias_correction(
     input_name = float_model.graph.input[0].name
     for node, bias_dq, float_name in layers:
         bias_name = bias_dq.input[0]
-        total = 0.0
+        total: np.ndarray | float = 0.0
         for start in range(0, len(samples), batch):
             chunk = np.ascontiguousarray(samples[start : start + batch])
             (value,) = session.run([node.output[0]], {input_name: chunk, **biases})
