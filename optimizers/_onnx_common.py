@@ -9,11 +9,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from optiserve.artifacts import ONNX_MODEL
 from optiserve.errors import ArtifactError, ConfigError, OptimizationError
-from optiserve.types import Variant
+from optiserve.types import ArtifactFormat, Precision, Variant
+
+from .base import Optimizer
 
 if TYPE_CHECKING:
     import onnx
@@ -40,6 +42,20 @@ def parent_onnx(parent: Variant, parent_dir: Path) -> Path:
 def accepts_plain_onnx(parent: Variant) -> bool:
     """Quantizers and converters need standard ONNX ops; a graph ORT already fused is for ORT only."""
     return all(step.optimizer not in GRAPH_REWRITERS for step in parent.steps)
+
+
+class OnnxRewrite(Optimizer):
+    """Base of the optimizers that rewrite an FP32 ONNX graph into another ONNX graph (FP16 conversion,
+    ORT graph optimization, INT8 quantization). Not registered itself (no name)."""
+
+    requires: ClassVar[tuple[str, ...]] = ("onnx", "onnxruntime")
+    extra: ClassVar[str] = "onnx"
+    input_formats: ClassVar[tuple[ArtifactFormat, ...]] = ("onnx",)
+    output_format: ClassVar[ArtifactFormat | None] = "onnx"
+    input_precisions: ClassVar[tuple[Precision, ...]] = ("fp32",)
+
+    def accepts(self, parent: Variant) -> bool:
+        return super().accepts(parent) and accepts_plain_onnx(parent)
 
 
 def first_line(e: BaseException) -> str:

@@ -7,15 +7,15 @@ functions, never at module top.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 
 from optiserve.artifacts import ONNX_MODEL
 from optiserve.errors import ArtifactError, OptimizationError
-from optiserve.types import Variant
+from optiserve.types import ArtifactFormat, Variant
 
-from .base import OptimizerConfig, Produced
+from .base import Optimizer, OptimizerConfig, Produced
 
 if TYPE_CHECKING:
     import numpy as np
@@ -201,3 +201,14 @@ def nncf_advanced(config: NncfQuantizeConfig) -> Any:
     if config.smooth_quant_alpha is not None:
         kwargs["smooth_quant_alphas"] = AdvancedSmoothQuantParameters(matmul=config.smooth_quant_alpha)
     return AdvancedQuantizationParameters(**kwargs)
+
+
+class NncfQuantizer(Optimizer):
+    """Base of the NNCF INT8 quantizers of an FP32 OpenVINO IR. Not registered itself (no name)."""
+
+    requires: ClassVar[tuple[str, ...]] = ("openvino", "nncf")
+    extra: ClassVar[str] = "openvino"
+    input_formats: ClassVar[tuple[ArtifactFormat, ...]] = ("openvino",)
+    output_format: ClassVar[ArtifactFormat | None] = "openvino"
+    lossy: ClassVar[bool] = True
+    needs_calibration: ClassVar[bool] = True

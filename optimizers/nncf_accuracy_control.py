@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field
 
 from optiserve.errors import OptimizationError
-from optiserve.types import ArtifactFormat, Variant
+from optiserve.types import Variant
 
 from ._openvino_common import (
     NncfQuantizeConfig,
+    NncfQuantizer,
     batches,
     compile_cpu,
     count_fake_quantize,
@@ -40,7 +41,7 @@ from ._openvino_common import (
     run_compiled,
     save_quantized,
 )
-from .base import OptimizeContext, Optimizer, Produced
+from .base import OptimizeContext, Produced
 
 if TYPE_CHECKING:
     import numpy as np
@@ -58,16 +59,10 @@ class NncfAccuracyControlConfig(NncfQuantizeConfig):
     """Validation samples used to rank the quantized ops (None: NNCF picks)."""
 
 
-class NncfInt8AccuracyControl(Optimizer):
+class NncfInt8AccuracyControl(NncfQuantizer):
     name: ClassVar[str] = "nncf-int8-ac"
     tag: ClassVar[str] = "nncf-int8-ac"
     description: ClassVar[str] = "OpenVINO IR → INT8 with NNCF, reverting ops until the drop is ≤ max_drop"
-    requires: ClassVar[tuple[str, ...]] = ("openvino", "nncf")
-    extra: ClassVar[str] = "openvino"
-    input_formats: ClassVar[tuple[ArtifactFormat, ...]] = ("openvino",)
-    output_format: ClassVar[ArtifactFormat | None] = "openvino"
-    lossy: ClassVar[bool] = True
-    needs_calibration: ClassVar[bool] = True
     Config = NncfAccuracyControlConfig
     config: NncfAccuracyControlConfig
 

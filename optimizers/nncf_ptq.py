@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import ClassVar
 
 from optiserve.errors import OptimizationError
-from optiserve.types import ArtifactFormat, Variant
+from optiserve.types import Variant
 
 from ._openvino_common import (
     NncfQuantizeConfig,
+    NncfQuantizer,
     batches,
     first_line,
     nncf_advanced,
@@ -22,19 +23,13 @@ from ._openvino_common import (
     read_ir,
     save_quantized,
 )
-from .base import OptimizeContext, Optimizer, Produced
+from .base import OptimizeContext, Produced
 
 
-class NncfInt8(Optimizer):
+class NncfInt8(NncfQuantizer):
     name: ClassVar[str] = "nncf-int8"
     tag: ClassVar[str] = "nncf-int8"
     description: ClassVar[str] = "OpenVINO IR → INT8 with NNCF post-training quantization (calibrated)"
-    requires: ClassVar[tuple[str, ...]] = ("openvino", "nncf")
-    extra: ClassVar[str] = "openvino"
-    input_formats: ClassVar[tuple[ArtifactFormat, ...]] = ("openvino",)
-    output_format: ClassVar[ArtifactFormat | None] = "openvino"
-    lossy: ClassVar[bool] = True
-    needs_calibration: ClassVar[bool] = True
     Config = NncfQuantizeConfig
     config: NncfQuantizeConfig
 

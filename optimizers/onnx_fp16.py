@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import ClassVar
 
 from optiserve.errors import OptimizationError
-from optiserve.types import ArtifactFormat, Precision, Variant
+from optiserve.types import Variant
 
 from . import _onnx_common as common
-from .base import OptimizeContext, Optimizer, OptimizerConfig, Produced
+from .base import OptimizeContext, OptimizerConfig, Produced
 
 
 class OnnxFp16Config(OptimizerConfig):
@@ -24,20 +24,12 @@ class OnnxFp16Config(OptimizerConfig):
     """Node names kept in FP32 (e.g. a softmax or a normalisation that overflows in FP16)."""
 
 
-class OnnxFp16(Optimizer):
+class OnnxFp16(common.OnnxRewrite):
     name: ClassVar[str] = "onnx-fp16"
     tag: ClassVar[str] = "fp16"
     description: ClassVar[str] = "ONNX FP32 → FP16 weights and compute (float32 I/O), for GPU runtimes"
-    requires: ClassVar[tuple[str, ...]] = ("onnx", "onnxruntime")
-    extra: ClassVar[str] = "onnx"
-    input_formats: ClassVar[tuple[ArtifactFormat, ...]] = ("onnx",)
-    output_format: ClassVar[ArtifactFormat | None] = "onnx"
-    input_precisions: ClassVar[tuple[Precision, ...]] = ("fp32",)
     Config = OnnxFp16Config
     config: OnnxFp16Config
-
-    def accepts(self, parent: Variant) -> bool:
-        return super().accepts(parent) and common.accepts_plain_onnx(parent)
 
     def produce(self, parent: Variant, parent_dir: Path, out_dir: Path, ctx: OptimizeContext) -> Produced:
         import onnx

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from optiserve.errors import OptimizationError
-from optiserve.types import ArtifactFormat, Precision, Variant
+from optiserve.types import Variant
 
 from . import _onnx_common as common
-from .base import OptimizeContext, Optimizer, OptimizerConfig, Produced
+from .base import OptimizeContext, OptimizerConfig, Produced
 
 
 class OrtGraphOptConfig(OptimizerConfig):
@@ -21,15 +21,10 @@ class OrtGraphOptConfig(OptimizerConfig):
     may run slower, or not at all, on another machine. ``extended`` fusions are portable across CPUs."""
 
 
-class OrtGraphOpt(Optimizer):
+class OrtGraphOpt(common.OnnxRewrite):
     name: ClassVar[str] = "ort-optimize"
     tag: ClassVar[str] = "ortopt"
     description: ClassVar[str] = "ONNX Runtime offline graph optimization (fusions, constant folding)"
-    requires: ClassVar[tuple[str, ...]] = ("onnx", "onnxruntime")
-    extra: ClassVar[str] = "onnx"
-    input_formats: ClassVar[tuple[ArtifactFormat, ...]] = ("onnx",)
-    output_format: ClassVar[ArtifactFormat | None] = "onnx"
-    input_precisions: ClassVar[tuple[Precision, ...]] = ("fp32",)
     Config = OrtGraphOptConfig
     config: OrtGraphOptConfig
 

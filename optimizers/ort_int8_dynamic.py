@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from optiserve.errors import OptimizationError
-from optiserve.types import ArtifactFormat, Precision, Variant
+from optiserve.types import Variant
 
 from . import _onnx_common as common
-from .base import OptimizeContext, Optimizer, OptimizerConfig, Produced
+from .base import OptimizeContext, OptimizerConfig, Produced
 
 
 class OrtInt8DynamicConfig(OptimizerConfig):
@@ -28,21 +28,13 @@ class OrtInt8DynamicConfig(OptimizerConfig):
     since the dynamic quantizer only quantizes MatMul."""
 
 
-class OrtInt8Dynamic(Optimizer):
+class OrtInt8Dynamic(common.OnnxRewrite):
     name: ClassVar[str] = "ort-int8-dynamic"
     tag: ClassVar[str] = "int8dyn"
     description: ClassVar[str] = "ONNX Runtime dynamic INT8 (weights offline, activations at run time)"
-    requires: ClassVar[tuple[str, ...]] = ("onnx", "onnxruntime")
-    extra: ClassVar[str] = "onnx"
-    input_formats: ClassVar[tuple[ArtifactFormat, ...]] = ("onnx",)
-    output_format: ClassVar[ArtifactFormat | None] = "onnx"
-    input_precisions: ClassVar[tuple[Precision, ...]] = ("fp32",)
     lossy: ClassVar[bool] = True
     Config = OrtInt8DynamicConfig
     config: OrtInt8DynamicConfig
-
-    def accepts(self, parent: Variant) -> bool:
-        return super().accepts(parent) and common.accepts_plain_onnx(parent)
 
     def produce(self, parent: Variant, parent_dir: Path, out_dir: Path, ctx: OptimizeContext) -> Produced:
         import onnx

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field
 
 from optiserve.errors import OptimizationError
-from optiserve.types import ArtifactFormat, Precision, Variant
+from optiserve.types import Variant
 
 from . import _onnx_common as common
 from . import _ort_calibration as calibration
-from .base import OptimizeContext, Optimizer, OptimizerConfig, Produced
+from .base import OptimizeContext, OptimizerConfig, Produced
 
 if TYPE_CHECKING:
     import numpy as np
@@ -74,22 +74,14 @@ class OrtInt8StaticConfig(OptimizerConfig):
     """Passed to ``quantize_static`` as is (e.g. ``{"CalibMovingAverage": true}``)."""
 
 
-class OrtInt8Static(Optimizer):
+class OrtInt8Static(common.OnnxRewrite):
     name: ClassVar[str] = "ort-int8-static"
     tag: ClassVar[str] = "int8"
     description: ClassVar[str] = "ONNX Runtime static INT8 (QDQ), calibrated, sensitive nodes kept in float"
-    requires: ClassVar[tuple[str, ...]] = ("onnx", "onnxruntime")
-    extra: ClassVar[str] = "onnx"
-    input_formats: ClassVar[tuple[ArtifactFormat, ...]] = ("onnx",)
-    output_format: ClassVar[ArtifactFormat | None] = "onnx"
-    input_precisions: ClassVar[tuple[Precision, ...]] = ("fp32",)
     lossy: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = True
     Config = OrtInt8StaticConfig
     config: OrtInt8StaticConfig
-
-    def accepts(self, parent: Variant) -> bool:
-        return super().accepts(parent) and common.accepts_plain_onnx(parent)
 
     def produce(self, parent: Variant, parent_dir: Path, out_dir: Path, ctx: OptimizeContext) -> Produced:
         import onnx
