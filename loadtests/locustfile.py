@@ -1,8 +1,9 @@
 """Locust users for optiserve. Run only as a subprocess by :mod:`optiserve.loadtests.runner`.
 
 Inputs come from the environment, so the runner controls everything without locust CLI plumbing:
-``OPTISERVE_PAYLOADS`` (a file of request bodies, one JSON document per line, sent round-robin),
-``OPTISERVE_PATH`` (the endpoint path) and ``OPTISERVE_SAMPLES`` (where raw samples are written).
+``OPTISERVE_PAYLOADS`` (Open Inference Protocol binary requests, one JSON line each with the base64
+``body`` and its ``header_length``, sent round-robin), ``OPTISERVE_PATH`` (the infer path) and
+``OPTISERVE_SAMPLES`` (where raw samples are written).
 
 Every request becomes one raw sample ``start_epoch_s,latency_ms,ok,error_kind`` in a CSV, written
 when Locust quits; the runner computes all statistics from those samples, not from Locust's own.
@@ -10,21 +11,32 @@ when Locust quits; the runner computes all statistics from those samples, not fr
 
 from __future__ import annotations
 
+import base64
 import csv
 import itertools
+import json
 import os
 import time
 
 from locust import FastHttpUser, constant, events, task
 
 with open(os.environ["OPTISERVE_PAYLOADS"], "rb") as _fh:
-    PAYLOADS = [line for line in _fh.read().splitlines() if line.strip()]
-PATH = os.environ.get("OPTISERVE_PATH", "/predict")
+    _records = [json.loads(line) for line in _fh.read().splitlines() if line.strip()]
+PAYLOADS = [
+    (
+        base64.b64decode(r["body"]),
+        {
+            "content-type": "application/octet-stream",
+            "Inference-Header-Content-Length": str(r["header_length"]),
+        },
+    )
+    for r in _records
+]
+PATH = os.environ["OPTISERVE_PATH"]
 SAMPLES_FILE = os.environ["OPTISERVE_SAMPLES"]
-HEADERS = {"content-type": "application/json"}
 
 _samples: list[tuple[float, float, int, str]] = []
-_bodies = itertools.cycle(PAYLOADS)  # bytes: sent as-is
+_bodies = itertools.cycle(PAYLOADS)
 
 
 @events.request.add_listener
@@ -59,7 +71,7 @@ class ClosedLoopUser(FastHttpUser):
 
     @task
     def predict(self) -> None:
-        body = next(_bodies)
-        with self.client.post(PATH, data=body, headers=HEADERS, catch_response=True) as resp:  # type: ignore[arg-type]
+        body, headers = next(_bodies)
+        with self.client.post(PATH, data=body, headers=headers, catch_response=True) as resp:  # type: ignore[arg-type]
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}")

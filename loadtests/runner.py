@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import os
@@ -22,9 +23,15 @@ from .stats import latency_stats, measured_window, read_samples
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
 
-def write_payloads(path: Path, samples: np.ndarray, limit: int = 8) -> Path:
-    """Request bodies for the native ``/predict`` API: one sample per request, several distinct ones."""
-    lines = [json.dumps({"inputs": samples[i : i + 1].tolist()}) for i in range(min(limit, len(samples)))]
+def write_payloads(path: Path, samples: np.ndarray, input_name: str, limit: int = 8) -> Path:
+    """Open Inference Protocol infer requests with binary tensor data, one sample each, several distinct
+    ones; one JSON line per request (``body`` base64-encoded, ``header_length``)."""
+    from optiserve.services.oip_codec import encode_request
+
+    lines = []
+    for i in range(min(limit, len(samples))):
+        body, header_length = encode_request(input_name, samples[i : i + 1])
+        lines.append(json.dumps({"body": base64.b64encode(body).decode(), "header_length": header_length}))
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
@@ -68,7 +75,7 @@ def run_level(
         os.environ,
         OPTISERVE_PAYLOADS=str(payloads),
         OPTISERVE_SAMPLES=str(samples_path),
-        OPTISERVE_PATH="/predict",
+        OPTISERVE_PATH=endpoint.infer_url.removeprefix(endpoint.url),
         PYTHONUNBUFFERED="1",
     )
     started = dt.datetime.now(dt.UTC)

@@ -12,7 +12,11 @@ code the CLI returns and the HTTP status a service answers with::
     ├── OptimizationError               exit 6            an optimizer failed on this model
     ├── ServingError                    exit 7            a server did not start or became ready
     ├── LoadTestError                   exit 8            the load generator failed or produced no samples
-    ├── InputValidationError            exit 2, HTTP 400  a request that does not match the input spec
+    ├── InputValidationError            exit 2, HTTP 400  a malformed request (bad JSON, missing fields)
+    │   ├── InvalidInput                        HTTP 422  well-formed, but shape/datatype/values do not fit
+    │   ├── PayloadTooLarge                     HTTP 413  body or batch above the service's limits
+    │   ├── UnsupportedMediaType                HTTP 415  a content type or encoding the service does not take
+    │   └── NotFound                            HTTP 404  a model name or version this service does not serve
     └── Interrupted                     exit 130          Ctrl-C / SIGTERM: everything was stopped cleanly
 """
 
@@ -68,6 +72,22 @@ class LoadTestError(OptiserveError):
 class InputValidationError(OptiserveError):
     exit_code = 2
     http_status = 400
+
+
+class InvalidInput(InputValidationError):
+    http_status = 422
+
+
+class PayloadTooLarge(InputValidationError):
+    http_status = 413
+
+
+class UnsupportedMediaType(InputValidationError):
+    http_status = 415
+
+
+class NotFound(InputValidationError):
+    http_status = 404
 
 
 class Interrupted(OptiserveError):

@@ -234,7 +234,9 @@ def bench(config: ExperimentConfig, p: Plan, run_dir: Path, steps: Steps) -> lis
     )
     levels = scenario.levels()
     inputs, _ = dataset(p.spec, "eval", config.load.payload_samples)
-    payloads = write_payloads(run_dir / "payloads.jsonl", inputs, limit=config.load.payload_samples)
+    payloads = write_payloads(
+        run_dir / "payloads.jsonl", inputs, p.spec.inputs[0].name, limit=config.load.payload_samples
+    )
     results: list[BenchResult] = []
     total = len(p.pairs) * (len(levels) + 1)
     with (

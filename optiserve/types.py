@@ -168,12 +168,26 @@ class ThreadSpec(Frozen):
     inter_op: int = Field(default=1, ge=1)
 
 
+class ServingLimits(Frozen):
+    """What the service accepts before anything reaches a runtime (client mistakes become 4xx)."""
+
+    max_body_mib: float = Field(default=32.0, gt=0)
+    """Request bodies above this are refused with 413 before they are read in full."""
+    max_request_batch: int = Field(default=64, ge=1)
+    """Samples one request may carry; more is refused with 413 (split the request)."""
+    non_finite: Literal["reject", "allow"] = "reject"
+    """NaN/Inf in a float input: ``reject`` (422) or ``allow`` (passed to the runtime as they are)."""
+
+
 class ServiceSpec(Frozen):
     variant: Variant
     variant_dir: str
     runtime: str
     batching: BatchingSpec = BatchingSpec()
     threads: ThreadSpec = ThreadSpec()
+    limits: ServingLimits = ServingLimits()
+    runtime_options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    """Runtime-specific settings, e.g. ``{"compile": true}`` for torch, ``{"device": "GPU"}`` for OpenVINO."""
     host: str = "127.0.0.1"
     port: int | None = None
 
@@ -186,6 +200,11 @@ class Endpoint(Frozen):
     @property
     def predict_url(self) -> str:
         return f"{self.url}/predict"
+
+    @property
+    def infer_url(self) -> str:
+        """The Open Inference Protocol v2 infer endpoint of the served model."""
+        return f"{self.url}/v2/models/{self.service.variant.model.name}/infer"
 
 
 class LoadSpec(Frozen):

@@ -28,3 +28,22 @@ def unexportable() -> torch.nn.Module:
 
     torch.manual_seed(0)
     return Eigen().eval()
+
+
+SLOW_S = 0.5
+
+
+def slow_mlp() -> nn.Module:
+    """``mlp()`` that takes SLOW_S seconds per batch: in-flight requests that outlive a SIGTERM."""
+    import time
+
+    class Slow(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = mlp()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            time.sleep(SLOW_S)
+            return self.inner(x)  # type: ignore[no-any-return]
+
+    return Slow().eval()

@@ -27,6 +27,15 @@ class BuiltinModel(Plugin, base=True, package="optiserve.models"):
     data_description: ClassVar[str] = "samples"
     """What :meth:`dataset` returns, for progress lines and reports (e.g. "real-photo crops")."""
 
+    raw_input: ClassVar[Literal["image", "text"] | None] = None
+    """What users send instead of tensors (JPEG/PNG bytes, UTF-8 text); the service preprocesses it."""
+
+    pad_value: ClassVar[float | None] = None
+    """Samples of different lengths on a dynamic axis may be padded with this to share a batch."""
+
+    input_bounds: ClassVar[tuple[float, float] | None] = None
+    """Valid range of the input's values (e.g. token ids below the vocabulary size); the service checks."""
+
     @classmethod
     def spec(cls) -> ModelSpec:
         raise NotImplementedError
@@ -61,3 +70,13 @@ class BuiltinModel(Plugin, base=True, package="optiserve.models"):
     @classmethod
     def labels(cls) -> list[str] | None:
         return None
+
+    @classmethod
+    def from_raw(cls, items: list[bytes]) -> np.ndarray:
+        """What users send (one item per sample) → the model's input batch, preprocessed as in training.
+
+        Raises :class:`~optiserve.errors.UnsupportedMediaType` for an item that cannot be decoded.
+        """
+        from optiserve.errors import UnsupportedMediaType
+
+        raise UnsupportedMediaType(f"{cls.name} takes tensors only, not raw {cls.raw_input or 'bytes'}")

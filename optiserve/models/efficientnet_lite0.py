@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from optiserve.models.base import BuiltinModel, Split
 from optiserve.types import ModelSpec, TensorSpec
@@ -39,6 +39,7 @@ class EfficientNetLite0(BuiltinModel):
     name: ClassVar[str] = "efficientnet-lite0"
     description: ClassVar[str] = "ImageNet classifier, 4.7M parameters, 224x224 RGB (the default model)"
     data_description: ClassVar[str] = "real-photo crops"
+    raw_input: ClassVar[Literal["image", "text"] | None] = "image"
     # INT8 variants are made and evaluated; on this crop set they fall short of the 99% gate (see README).
     default_optimizers: ClassVar[tuple[str | tuple[str, dict[str, Any]], ...]] = (
         "onnx-export",
@@ -96,6 +97,14 @@ class EfficientNetLite0(BuiltinModel):
         from optiserve.models.images import crops
 
         return np.stack([preprocess(img) for img in crops(split, n)])
+
+    @classmethod
+    def from_raw(cls, items: list[bytes]) -> np.ndarray:
+        import numpy as np
+
+        from optiserve.models.decode import decode_image
+
+        return np.stack([preprocess(decode_image(item, i)) for i, item in enumerate(items)])
 
     @classmethod
     def labels(cls) -> list[str]:

@@ -28,7 +28,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from optiserve.errors import ModelError
 from optiserve.models.base import BuiltinModel, Split
@@ -261,6 +261,7 @@ class FashionCnn(BuiltinModel):
     )
     requires: ClassVar[tuple[str, ...]] = ("torch", "sklearn")
     data_description: ClassVar[str] = "28×28 test images (Fashion-MNIST, or digits when absent)"
+    raw_input: ClassVar[Literal["image", "text"] | None] = "image"
     # distill and qat-int8 train for minutes on 2 cores: ask for them with -o.
     default_optimizers: ClassVar[tuple[str | tuple[str, dict[str, Any]], ...]] = (
         "prune-channels",
@@ -297,6 +298,20 @@ class FashionCnn(BuiltinModel):
     @classmethod
     def training_data(cls) -> tuple[np.ndarray, np.ndarray]:
         return training_set()
+
+    @classmethod
+    def from_raw(cls, items: list[bytes]) -> np.ndarray:
+        """Images of any size → greyscale 28×28 (Fashion-MNIST is white-on-black, as sent), normalised."""
+        import numpy as np
+        from PIL import Image
+
+        from optiserve.models.decode import decode_image
+
+        grey = [
+            np.asarray(decode_image(item, i).convert("L").resize((SIDE, SIDE), Image.Resampling.BILINEAR))
+            for i, item in enumerate(items)
+        ]
+        return _normalize(np.stack(grey))
 
     @classmethod
     def labels(cls) -> list[str]:

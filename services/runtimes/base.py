@@ -7,9 +7,11 @@ identical resources.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+from optiserve.errors import ConfigError
 from optiserve.registry import Plugin
 from optiserve.types import ArtifactFormat, ThreadSpec, Variant
 
@@ -24,10 +26,26 @@ class Runtime(Plugin, base=True, package="optiserve.services.runtimes"):
     short: ClassVar[str] = ""
     """Short label for tables (e.g. ``ort``)."""
 
-    def __init__(self, variant: Variant, variant_dir: Path, threads: ThreadSpec | None = None) -> None:
+    option_names: ClassVar[tuple[str, ...]] = ()
+    """Keys this runtime reads from ``ServiceSpec.runtime_options``."""
+
+    def __init__(
+        self,
+        variant: Variant,
+        variant_dir: Path,
+        threads: ThreadSpec | None = None,
+        options: Mapping[str, str | int | float | bool] | None = None,
+    ) -> None:
         self.variant = variant
         self.variant_dir = variant_dir
         self.threads = threads or ThreadSpec()
+        self.options = dict(options or {})
+        unknown = set(self.options) - set(self.option_names)
+        if unknown:
+            raise ConfigError(
+                f"runtime {self.name!r} has no option {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(self.option_names) or '(none)'}"
+            )
         self.ready = False
 
     @classmethod

@@ -11,8 +11,8 @@ decompressed to FP32 at compile time, and an INT8 IR runs its non-quantized ops 
 ``precision_hint`` / ``performance_hint`` are class attributes until the ServiceSpec carries runtime
 settings.
 
-Devices: CPU only. An Intel GPU ("GPU" device) is issue 4's business: it would be a separate runtime
-(``openvino-gpu``) so the variant × runtime matrix stays explicit.
+Devices: CPU by default; ``runtime_options: {"device": "GPU"}`` (an Intel GPU) or ``"AUTO"`` compiles
+for that device when OpenVINO sees it, and is a configuration error naming the devices it sees otherwise.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from optiserve.errors import ArtifactError
+from optiserve.errors import ArtifactError, ConfigError
 from optiserve.types import ArtifactFormat
 
 from .base import Runtime
@@ -37,12 +37,22 @@ class OpenVinoCPU(Runtime):
     extra: ClassVar[str] = "openvino"
     formats: ClassVar[tuple[ArtifactFormat, ...]] = ("openvino",)
 
-    device: ClassVar[str] = "CPU"
+    option_names: ClassVar[tuple[str, ...]] = ("device",)
     precision_hint: ClassVar[str] = "f32"
     """``f32`` keeps FP32 FP32 (see the module docstring); ``bf16`` trades accuracy for speed."""
     performance_hint: ClassVar[str] = "LATENCY"
 
-    def properties(self) -> dict[str, Any]:
+    def device(self, core: Any) -> str:
+        device = str(self.options.get("device", "CPU")).upper()
+        if device != "AUTO" and not any(d.split(".")[0] == device for d in core.available_devices):
+            raise ConfigError(
+                f"OpenVINO sees no {device} device (it sees {', '.join(core.available_devices)})"
+            )
+        return device
+
+    def properties(self, device: str = "CPU") -> dict[str, Any]:
+        if device != "CPU":  # threads and precision hints are CPU-plugin settings
+            return {"PERFORMANCE_HINT": self.performance_hint}
         return {
             "INFERENCE_NUM_THREADS": self.threads.intra_op,
             "NUM_STREAMS": 1,
@@ -54,11 +64,12 @@ class OpenVinoCPU(Runtime):
         import openvino as ov
 
         path = self.variant_dir / self.variant.artifacts["model"].path
+        core = ov.Core()
+        device = self.device(core)
         try:
-            core = ov.Core()
             model = core.read_model(str(path))
             self._reshape_for_batching(model)
-            self.compiled: Any = core.compile_model(model, self.device, self.properties())
+            self.compiled: Any = core.compile_model(model, device, self.properties(device))
         except Exception as e:
             text = str(e).strip()
             first = (text.splitlines()[0] if text else type(e).__name__)[:300]

@@ -1,4 +1,5 @@
-"""PyTorch eager mode on the CPU: the FP32 reference every other variant is compared with."""
+"""PyTorch on the CPU: eager mode (the FP32 reference every other variant is compared with), or
+``runtime_options: {"compile": true}`` for ``torch.compile`` (inductor; the first inferences compile)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class TorchEager(Runtime):
     requires: ClassVar[tuple[str, ...]] = ("torch",)
     extra: ClassVar[str] = "models"
     formats: ClassVar[tuple[ArtifactFormat, ...]] = ("torch",)
+    option_names: ClassVar[tuple[str, ...]] = ("compile",)
 
     def load(self) -> None:
         import torch
@@ -32,6 +34,8 @@ class TorchEager(Runtime):
             with contextlib.suppress(RuntimeError):
                 torch.set_num_interop_threads(self.threads.inter_op)
         self._module: Any = load_torch_variant(self.variant, self.variant_dir)
+        if self.options.get("compile"):
+            self._module = torch.compile(self._module, dynamic=True)
         self.ready = True
 
     def infer(self, batch: np.ndarray) -> np.ndarray:

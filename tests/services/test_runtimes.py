@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from optiserve.errors import ArtifactError
+from optiserve.errors import ArtifactError, ConfigError
 from optiserve.manifest import variant_dir
 from optiserve.services.runtimes.base import Runtime
 from optiserve.types import Variant
@@ -49,3 +49,61 @@ def test_onnxruntime_refuses_an_artifact_that_is_not_onnx(onnx_source: Variant, 
     with pytest.raises(ArtifactError, match="ONNX Runtime cannot load"):
         runtime.load()
     assert not runtime.ready
+
+
+def test_an_unknown_runtime_option_is_a_config_error_naming_the_known_ones(
+    onnx_source: Variant, variants_workdir: Path
+) -> None:
+    with pytest.raises(ConfigError, match="has no option warp_speed; known: execution_provider"):
+        Runtime.get("onnxruntime")(
+            onnx_source, variant_dir(variants_workdir, onnx_source.id), options={"warp_speed": 9}
+        )
+
+
+@pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
+def test_onnxruntime_gpu_providers(provider: str, onnx_source: Variant, variants_workdir: Path) -> None:
+    """Where the provider exists (onnxruntime-gpu on a CUDA machine) it serves; elsewhere a one-line
+    config error names the providers this build has."""
+    import onnxruntime as ort
+
+    name = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}[provider]
+    runtime = Runtime.get("onnxruntime")(
+        onnx_source, variant_dir(variants_workdir, onnx_source.id), options={"execution_provider": provider}
+    )
+    if name not in ort.get_available_providers():
+        with pytest.raises(
+            ConfigError, match=f"this onnxruntime build has no {name} \\(it has .*CPUExecutionProvider"
+        ):
+            runtime.load()
+        return
+    runtime.load()
+    x = random_inputs(4)
+    np.testing.assert_allclose(runtime.infer(x), torch_reference(x), atol=1e-3, rtol=1e-3)
+
+
+def test_openvino_device_option(variants_by_format: dict[str, Variant], variants_workdir: Path) -> None:
+    import openvino as ov
+
+    variant = variant_in_format("openvino", variants_by_format, variants_workdir)
+    assert variant is not None
+    where = variant_dir(variants_workdir, variant.id)
+    cpu = Runtime.get("openvino")(variant, where, options={"device": "cpu"})
+    cpu.load()
+    x = random_inputs(3)
+    np.testing.assert_allclose(cpu.infer(x), torch_reference(x), atol=1e-5, rtol=1e-5)
+    if "GPU" not in ov.Core().available_devices:
+        with pytest.raises(ConfigError, match="OpenVINO sees no GPU device"):
+            Runtime.get("openvino")(variant, where, options={"device": "GPU"}).load()
+
+
+def test_torch_compile_option_gives_what_eager_gives(
+    variants_by_format: dict[str, Variant], variants_workdir: Path
+) -> None:
+    variant = variants_by_format["torch"]
+    runtime = Runtime.get("torch-eager")(
+        variant, variant_dir(variants_workdir, variant.id), options={"compile": True}
+    )
+    runtime.load()
+    for batch in (1, 3):
+        x = random_inputs(batch, seed=batch)
+        np.testing.assert_allclose(runtime.infer(x), torch_reference(x), atol=1e-5, rtol=1e-5)

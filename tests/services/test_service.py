@@ -49,9 +49,9 @@ def test_predict_matches_in_process_onnxruntime(
 
 
 @pytest.mark.parametrize("inputs", [[[0.5] * 15], [[[0.5] * 16]]], ids=["15-features", "3-d"])
-def test_wrong_shape_is_400_naming_the_expected_shape(mlp_endpoint: Endpoint, inputs: list[object]) -> None:
+def test_wrong_shape_is_422_naming_the_expected_shape(mlp_endpoint: Endpoint, inputs: list[object]) -> None:
     response = httpx.post(mlp_endpoint.predict_url, json={"inputs": inputs}, timeout=30)
-    assert response.status_code == 400
+    assert response.status_code == 422
     assert "expected shape (n, 16)" in response.text
 
 

@@ -1,0 +1,226 @@
+"""The metrics contract: every metric a served variant exports, its labels and buckets, in one place.
+
+The service creates its instruments from here (:class:`ServiceMetrics`), and everything that reads
+them (the report's PromQL, the Helm chart's ServiceMonitor, PrometheusRule and Grafana dashboard) takes
+the names and labels from here too, so a rename cannot silently break a dashboard.
+
+Every series carries the variant's identity as labels: ``model``, ``variant`` (the content-derived
+variant id), ``runtime`` and ``precision``. Latency buckets are dense between 1 and 100 ms, where CPU
+inference of the models we serve lands, so server-side p50/p99 from ``histogram_quantile`` are
+accurate to a few percent there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from optiserve.types import ServiceSpec
+
+IDENTITY_LABELS: tuple[str, ...] = ("model", "variant", "runtime", "precision")
+
+LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0015,
+    0.002,
+    0.0025,
+    0.003,
+    0.004,
+    0.005,
+    0.006,
+    0.007,
+    0.008,
+    0.009,
+    0.010,
+    0.0125,
+    0.015,
+    0.0175,
+    0.020,
+    0.025,
+    0.030,
+    0.035,
+    0.040,
+    0.050,
+    0.060,
+    0.070,
+    0.080,
+    0.090,
+    0.100,
+    0.125,
+    0.150,
+    0.200,
+    0.300,
+    0.500,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+"""Seconds. 1 ms steps up to 10 ms, then 2.5-10 ms steps to 100 ms, then coarse to 10 s."""
+
+BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
+
+ERROR_KINDS: tuple[str, ...] = (
+    "bad_request",  # 400: malformed JSON, missing fields
+    "invalid_input",  # 422: shape, datatype, element count, NaN/Inf, undecodable image
+    "payload_too_large",  # 413
+    "unsupported_media_type",  # 415
+    "not_found",  # 404: unknown model name
+    "overloaded",  # 503: the batcher could not meet max_latency_ms
+    "runtime",  # 500: the runtime failed on an input that passed validation
+)
+
+Kind = Literal["histogram", "counter", "gauge"]
+
+
+@dataclass(frozen=True)
+class MetricDef:
+    name: str
+    kind: Kind
+    help: str
+    extra_labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return IDENTITY_LABELS + self.extra_labels
+
+    @property
+    def series(self) -> str:
+        """The stored name: histograms expose ``_bucket``/``_sum``/``_count``, counters ``_total``."""
+        return f"{self.name}_total" if self.kind == "counter" else self.name
+
+
+REQUEST_DURATION = MetricDef(
+    "optiserve_request_duration_seconds",
+    "histogram",
+    "Server-side request latency: body received to response ready (successful requests).",
+    extra_labels=("protocol",),
+    buckets=LATENCY_BUCKETS_S,
+)
+INFERENCE_DURATION = MetricDef(
+    "optiserve_inference_duration_seconds",
+    "histogram",
+    "Runtime inference time of one batch (excludes queueing, decoding and encoding).",
+    buckets=LATENCY_BUCKETS_S,
+)
+QUEUE_WAIT = MetricDef(
+    "optiserve_queue_wait_seconds",
+    "histogram",
+    "Time a request waited in the adaptive batcher before its batch was dispatched.",
+    buckets=LATENCY_BUCKETS_S,
+)
+BATCH_SIZE = MetricDef(
+    "optiserve_batch_size",
+    "histogram",
+    "Samples per runtime call formed by the adaptive batcher.",
+    buckets=BATCH_SIZE_BUCKETS,
+)
+REQUESTS = MetricDef(
+    "optiserve_requests",
+    "counter",
+    "Inference requests answered, by protocol and HTTP status code.",
+    extra_labels=("protocol", "code"),
+)
+ERRORS = MetricDef(
+    "optiserve_errors",
+    "counter",
+    "Failed inference requests by kind (see optiserve.metrics.ERROR_KINDS).",
+    extra_labels=("kind",),
+)
+MODEL_LOAD = MetricDef(
+    "optiserve_model_load_seconds",
+    "gauge",
+    "Seconds from process start of the service to ready: artifact check, runtime load and warm-up.",
+)
+READY = MetricDef("optiserve_ready", "gauge", "1 once the model is loaded and warmed up, 0 while draining.")
+
+ALL: tuple[MetricDef, ...] = (
+    REQUEST_DURATION,
+    INFERENCE_DURATION,
+    QUEUE_WAIT,
+    BATCH_SIZE,
+    REQUESTS,
+    ERRORS,
+    MODEL_LOAD,
+    READY,
+)
+
+
+def identity(spec: ServiceSpec) -> dict[str, str]:
+    """The identity label values of a served variant."""
+    return {
+        "model": spec.variant.model.name,
+        "variant": spec.variant.id,
+        "runtime": spec.runtime,
+        "precision": spec.variant.precision,
+    }
+
+
+def selector(**labels: str) -> str:
+    """A PromQL label selector, e.g. ``{variant="x",runtime="onnxruntime"}``."""
+    return "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+
+
+def quantile_query(metric: MetricDef, q: float, window: str = "1m", **labels: str) -> str:
+    """PromQL for a histogram quantile over ``window``, aggregated across replicas of a variant."""
+    if metric.kind != "histogram":
+        raise ValueError(f"{metric.name} is a {metric.kind}, not a histogram")
+    keep = ",".join(("le", *IDENTITY_LABELS))
+    return (
+        f"histogram_quantile({q}, sum by ({keep}) (rate({metric.name}_bucket{selector(**labels)}[{window}])))"
+    )
+
+
+class ServiceMetrics:
+    """The instruments of one served variant, created through ``bentoml.metrics`` so that BentoML's
+    ``/metrics`` endpoint exports them (in its multiprocess registry), with the identity labels bound."""
+
+    def __init__(self, spec: ServiceSpec) -> None:
+        import bentoml
+
+        self.identity = identity(spec)
+        made: dict[str, Any] = {}
+        for m in ALL:
+            factory = {
+                "histogram": bentoml.metrics.Histogram,
+                "counter": bentoml.metrics.Counter,
+                "gauge": bentoml.metrics.Gauge,
+            }[m.kind]
+            kwargs: dict[str, Any] = {"name": m.name, "documentation": m.help, "labelnames": list(m.labels)}
+            if m.buckets:
+                kwargs["buckets"] = list(m.buckets)
+            if m.kind == "gauge":
+                kwargs["multiprocess_mode"] = "max"
+            made[m.name] = factory(**kwargs)
+        self._made = made
+        for kind in ERROR_KINDS:  # zero series exist from the start, so rate() and alerts see them
+            self._child(ERRORS, kind=kind).inc(0)
+
+    def _child(self, metric: MetricDef, **extra: str) -> Any:
+        return self._made[metric.name].labels(**self.identity, **extra)
+
+    def request(self, protocol: str, code: int, seconds: float | None) -> None:
+        self._child(REQUESTS, protocol=protocol, code=str(code)).inc()
+        if seconds is not None:
+            self._child(REQUEST_DURATION, protocol=protocol).observe(seconds)
+
+    def error(self, kind: str) -> None:
+        self._child(ERRORS, kind=kind).inc()
+
+    def batch(self, size: int, inference_s: float) -> None:
+        self._child(BATCH_SIZE).observe(size)
+        self._child(INFERENCE_DURATION).observe(inference_s)
+
+    def queue_waits(self, waits_s: list[float]) -> None:
+        queue = self._child(QUEUE_WAIT)
+        for w in waits_s:
+            queue.observe(w)
+
+    def loaded(self, seconds: float) -> None:
+        self._child(MODEL_LOAD).set(seconds)
+
+    def ready(self, value: bool) -> None:
+        self._child(READY).set(1.0 if value else 0.0)

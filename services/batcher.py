@@ -1,0 +1,153 @@
+"""The one adaptive batcher every protocol goes through: BentoML's own (``CorkDispatcher``).
+
+BentoML's ``@bentoml.api(batchable=True)`` builds a dispatcher per API inside its HTTP layer, so two
+endpoints (the native one and the Open Inference Protocol) would get two queues and never batch
+together. Here one dispatcher, with the ServiceSpec's ``max_batch_size`` and ``max_latency_ms``, is
+shared by every endpoint; it runs the same algorithm (adaptive wait learned from measured batch times,
+one batch in flight at a time, load shedding when a request cannot meet ``max_latency_ms``).
+
+What it adds:
+
+- queue wait (enqueue → dispatch, per request) and batch size/inference time go to the metrics contract;
+- a request larger than ``max_batch_size`` is split by the dispatcher and reassembled;
+- samples of different lengths on a dynamic axis (token ids) are padded to the longest when the model
+  declares a pad value, and otherwise run as separate groups of equal shape, so batching never
+  changes a result;
+- a shed request raises :class:`~optiserve.errors.ServingError` (HTTP 503) with what to change.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from optiserve.errors import ServingError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from optiserve.metrics import ServiceMetrics
+
+InferFn = Callable[["np.ndarray"], "np.ndarray"]
+
+
+def _dispatcher_class() -> type:
+    from bentoml._internal.marshal.dispatcher import CorkDispatcher
+
+    class MeasuredDispatcher(CorkDispatcher):  # type: ignore[misc,type-arg]
+        """CorkDispatcher that reports each request's queue wait when its batch is dispatched."""
+
+        on_dispatch: Callable[[list[float]], None] | None = None
+
+        async def outbound_call(self, inputs_info: Any, training: bool = False) -> None:
+            if self.on_dispatch is not None:
+                now = time.time()
+                self.on_dispatch([now - job.enqueue_time for job in inputs_info])
+            await super().outbound_call(inputs_info, training)
+
+    return MeasuredDispatcher
+
+
+class Batcher:
+    def __init__(
+        self,
+        infer: InferFn,
+        *,
+        max_batch_size: int,
+        max_latency_ms: int,
+        enabled: bool = True,
+        pad_value: float | None = None,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
+        self._infer = infer
+        self.enabled = enabled
+        self.max_batch_size = max_batch_size
+        self.max_latency_ms = max_latency_ms
+        self.pad_value = pad_value
+        self.metrics = metrics
+        self._call: Callable[[np.ndarray], Awaitable[np.ndarray]] | None = None
+
+    def _dispatch(self) -> Callable[[np.ndarray], Awaitable[np.ndarray]]:
+        """Created on first use, so the dispatcher binds to the server's running event loop."""
+        if self._call is None:
+            cls = _dispatcher_class()
+            dispatcher = cls(
+                max_latency_in_ms=self.max_latency_ms,
+                max_batch_size=self.max_batch_size,
+                fallback=self._shed,
+                get_batch_size=len,
+                batch_dim=(0, 0),
+            )
+            if self.metrics is not None:
+                dispatcher.on_dispatch = self.metrics.queue_waits
+            self._call = dispatcher(self._run_batch)
+        return self._call
+
+    async def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Infer one request's samples (first axis), batched with whatever else is queued."""
+        if not self.enabled:
+            import anyio
+
+            return await anyio.to_thread.run_sync(self._run_one, batch)
+        result = await self._dispatch()(batch)
+        return result
+
+    def _shed(self) -> Any:
+        raise ServingError(
+            f"server overloaded: the batcher could not answer within max_latency_ms={self.max_latency_ms}",
+            hint="retry later, add replicas, or raise batching.max_latency_ms",
+        )
+
+    def _run_one(self, batch: np.ndarray) -> np.ndarray:
+        started = time.perf_counter()
+        out = self._infer(batch)
+        if self.metrics is not None:
+            self.metrics.batch(len(batch), time.perf_counter() - started)
+            self.metrics.queue_waits([0.0])
+        return out
+
+    async def _run_batch(self, parts: Sequence[np.ndarray]) -> list[np.ndarray]:
+        import anyio
+
+        return await anyio.to_thread.run_sync(self._run_parts, list(parts))
+
+    def _run_parts(self, parts: list[np.ndarray]) -> list[np.ndarray]:
+        import numpy as np
+
+        started = time.perf_counter()
+        groups = self._groups(parts)
+        outs: list[np.ndarray | None] = [None] * len(parts)
+        for members, batch in groups:
+            result = self._infer(batch)
+            start = 0
+            for k in members:
+                n = len(parts[k])
+                outs[k] = result[start : start + n]
+                start += n
+        if self.metrics is not None:
+            self.metrics.batch(sum(len(p) for p in parts), time.perf_counter() - started)
+        return [np.ascontiguousarray(o) for o in outs if o is not None]
+
+    def _groups(self, parts: list[np.ndarray]) -> list[tuple[list[int], np.ndarray]]:
+        """Parts that can run as one array: same sample shape, or padded to one when allowed."""
+        import numpy as np
+
+        shapes = {p.shape[1:] for p in parts}
+        if len(shapes) == 1:
+            return [(list(range(len(parts))), np.concatenate(parts) if len(parts) > 1 else parts[0])]
+        if self.pad_value is not None and len({len(s) for s in shapes}) == 1:
+            target = tuple(max(dims) for dims in zip(*shapes, strict=True))
+            padded = [
+                np.pad(
+                    p,
+                    [(0, 0)] + [(0, t - d) for t, d in zip(target, p.shape[1:], strict=True)],
+                    constant_values=self.pad_value,
+                )
+                for p in parts
+            ]
+            return [(list(range(len(parts))), np.concatenate(padded))]
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for k, p in enumerate(parts):
+            by_shape.setdefault(p.shape[1:], []).append(k)
+        return [(members, np.concatenate([parts[k] for k in members])) for members in by_shape.values()]

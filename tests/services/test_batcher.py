@@ -1,0 +1,106 @@
+"""The shared adaptive batcher (BentoML's CorkDispatcher underneath), in an event loop of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from optiserve.errors import ServingError
+from optiserve.services.batcher import Batcher
+
+
+class Recorder:
+    """A real (if simple) model: row sums, recording each batch's shape; optionally slow."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+        self.delay_s = delay_s
+        self.lock = threading.Lock()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.shapes.append(batch.shape)
+        time.sleep(self.delay_s)
+        return batch.reshape(len(batch), -1).sum(axis=1, keepdims=True)
+
+
+async def gather(batcher: Batcher, parts: list[np.ndarray]) -> list[np.ndarray]:
+    return await asyncio.gather(*(batcher(p) for p in parts))
+
+
+def test_concurrent_requests_share_batches_and_each_gets_its_own_rows() -> None:
+    model = Recorder(delay_s=0.02)
+    batcher = Batcher(model, max_batch_size=8, max_latency_ms=10_000)
+    parts = [np.full((1, 4), float(i), dtype=np.float32) for i in range(24)]
+    results = asyncio.run(gather(batcher, parts))
+    for i, r in enumerate(results):
+        np.testing.assert_array_equal(r, [[4.0 * i]])
+    assert sum(s[0] for s in model.shapes) == 24  # every sample ran once
+    assert max(s[0] for s in model.shapes) > 1  # and some ran together
+    assert max(s[0] for s in model.shapes) <= 8
+
+
+def test_a_request_larger_than_max_batch_size_is_split_and_reassembled() -> None:
+    model = Recorder()
+    batcher = Batcher(model, max_batch_size=4, max_latency_ms=10_000)
+    x = np.arange(10 * 3, dtype=np.float32).reshape(10, 3)
+    (result,) = asyncio.run(gather(batcher, [x]))
+    np.testing.assert_array_equal(result, x.sum(axis=1, keepdims=True))
+    assert max(s[0] for s in model.shapes) <= 4
+
+
+def test_different_lengths_are_padded_when_the_model_allows_it() -> None:
+    model = Recorder(delay_s=0.05)
+    batcher = Batcher(model, max_batch_size=8, max_latency_ms=10_000, pad_value=0)
+    parts = [np.ones((1, n), dtype=np.int64) for n in (3, 5, 2, 5, 4, 1)]
+    results = asyncio.run(gather(batcher, parts))
+    assert [int(r[0, 0]) for r in results] == [3, 5, 2, 5, 4, 1]  # padding with 0 changed no sum
+    assert any(len(s) == 2 and s[0] > 1 for s in model.shapes)
+
+
+def test_different_shapes_run_apart_when_padding_is_not_allowed() -> None:
+    model = Recorder(delay_s=0.05)
+    batcher = Batcher(model, max_batch_size=8, max_latency_ms=10_000)
+    parts = [np.ones((1, n), dtype=np.float32) for n in (3, 5, 3, 5, 3)]
+    results = asyncio.run(gather(batcher, parts))
+    assert [float(r[0, 0]) for r in results] == [3, 5, 3, 5, 3]
+    assert all(len({s[1]}) == 1 for s in model.shapes)
+
+
+def test_an_overloaded_batcher_sheds_with_a_503_that_says_what_to_change() -> None:
+    model = Recorder(delay_s=0.2)
+    batcher = Batcher(model, max_batch_size=2, max_latency_ms=50)
+
+    async def flood() -> list[object]:
+        return await asyncio.gather(
+            *(batcher(np.ones((1, 2), dtype=np.float32)) for _ in range(30)), return_exceptions=True
+        )
+
+    outcomes = asyncio.run(flood())
+    shed = [o for o in outcomes if isinstance(o, ServingError)]
+    assert shed, "30 requests of 0.2 s against a 50 ms deadline must shed some"
+    assert shed[0].http_status == 503
+    assert "max_latency_ms=50" in shed[0].one_line()
+    assert not [o for o in outcomes if isinstance(o, Exception) and not isinstance(o, ServingError)]
+
+
+def test_without_batching_every_request_runs_alone() -> None:
+    model = Recorder(delay_s=0.01)
+    batcher = Batcher(model, max_batch_size=8, max_latency_ms=10_000, enabled=False)
+    parts = [np.full((1, 2), float(i), dtype=np.float32) for i in range(6)]
+    results = asyncio.run(gather(batcher, parts))
+    assert [float(r[0, 0]) for r in results] == [2.0 * i for i in range(6)]
+    assert all(s[0] == 1 for s in model.shapes)
+
+
+def test_a_failing_model_fails_the_requests_not_the_batcher() -> None:
+    def broken(batch: np.ndarray) -> np.ndarray:
+        raise RuntimeError("kaput")
+
+    batcher = Batcher(broken, max_batch_size=4, max_latency_ms=10_000)
+    with pytest.raises(RuntimeError, match="kaput"):
+        asyncio.run(gather(batcher, [np.ones((1, 2), dtype=np.float32)]))
