@@ -222,17 +222,70 @@ def serve(
     p = _existing_plan(cfg, variant)
     with LocalDeployment(cfg.workdir, ready_timeout_s=cfg.serving.ready_timeout_s) as deployment:
         table = Table(title="Serving (Ctrl-C stops every server)")
-        for col in ("variant", "runtime", "url"):
+        for col in ("variant", "runtime", "url", "Open Inference Protocol infer path"):
             table.add_column(col)
         with Steps().task("Starting servers", total=len(p.pairs)) as advance:
             for i, (v, rt) in enumerate(p.pairs):
                 endpoint = deployment.start(pipeline.service_spec(cfg, v, rt, (port + i) if port else None))
-                table.add_row(v.id, rt, f"{endpoint.url}/predict")
+                table.add_row(v.id, rt, endpoint.url, endpoint.infer_url.removeprefix(endpoint.url))
                 advance()
         out.print(table)
         deadline = time.monotonic() + seconds if seconds else None
         while deadline is None or time.monotonic() < deadline:
             time.sleep(0.5)
+
+
+@app.command()
+def build(
+    config: ConfigArg = None,
+    model: ModelOpt = None,
+    workdir: WorkdirOpt = None,
+    runtime: RuntimeOpt = None,
+    input_shape: InputShapeOpt = None,
+    variant: Annotated[
+        list[str] | None,
+        typer.Option("--variant", "-v", help="Variant ids (default: all that passed the gate)."),
+    ] = None,
+    containerize: Annotated[
+        bool,
+        typer.Option(
+            "--containerize", help="Also build an OCI image (needs docker, podman, buildah or nerdctl)."
+        ),
+    ] = False,
+) -> None:
+    """Package each variant × runtime as a Bento: the generic service, the artifact and its manifest,
+    the ServiceSpec, Python dependencies pinned to this machine's versions, and the Dockerfile.
+
+    Example: [bold]optiserve build --model efficientnet-lite0 --runtime onnxruntime[/]
+    then [bold]bentoml serve <tag>[/] (or [bold]--containerize[/] where a container engine exists)
+    """
+    import tempfile
+
+    from optiserve import pipeline
+    from optiserve.deploy.bento import build_bento, build_wheel
+    from optiserve.deploy.bento import containerize as make_image
+
+    cfg = _config(config, model=model, workdir=workdir, runtimes=runtime, input_shape=input_shape)
+    p = _existing_plan(cfg, variant)
+    table = Table(title="Bentos")
+    for col in ("bento tag", "runtime", "pinned packages", "Dockerfile"):
+        table.add_column(col)
+    built = []
+    with (
+        tempfile.TemporaryDirectory(prefix="optiserve-wheel.") as tmp,
+        Steps().task("Building Bentos", total=len(p.pairs) + 1) as advance,
+    ):
+        wheel = build_wheel(Path(tmp))
+        advance()
+        for v, rt in p.pairs:
+            bento = build_bento(pipeline.service_spec(cfg, v, rt), wheel)
+            built.append(bento)
+            table.add_row(bento.tag, rt, str(len(bento.requirements)), str(bento.dockerfile))
+            advance()
+    out.print(table)
+    if containerize:
+        for bento in built:
+            out.print(f"image built: {make_image(bento)}")
 
 
 @app.command()

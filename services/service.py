@@ -30,11 +30,21 @@ from optiserve.services.oip import create_app
 from optiserve.types import ServiceSpec
 
 SPEC_ENV = "OPTISERVE_SERVICE_SPEC"
+BENTO_SPEC = "model/service.json"
+"""Where a Bento built by `optiserve build` keeps its spec (relative to the Bento's src/, the working
+directory BentoML serves a Bento from); used when the environment names none."""
 
 
 def _spec_from_env() -> ServiceSpec | None:
-    path = os.environ.get(SPEC_ENV)
-    return read_model(Path(path), ServiceSpec) if path else None
+    """The ServiceSpec (``$OPTISERVE_SERVICE_SPEC``, else a Bento's own); a relative ``variant_dir``
+    (as in a Bento) is relative to the spec file's folder."""
+    path = os.environ.get(SPEC_ENV) or (BENTO_SPEC if Path(BENTO_SPEC).is_file() else None)
+    if not path:
+        return None
+    spec = read_model(Path(path), ServiceSpec)
+    if not Path(spec.variant_dir).is_absolute():
+        spec = spec.model_copy(update={"variant_dir": str((Path(path).parent / spec.variant_dir).resolve())})
+    return spec
 
 
 SPEC = _spec_from_env()

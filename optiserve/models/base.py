@@ -30,6 +30,9 @@ class BuiltinModel(Plugin, base=True, package="optiserve.models"):
     raw_input: ClassVar[Literal["image", "text"] | None] = None
     """What users send instead of tensors (JPEG/PNG bytes, UTF-8 text); the service preprocesses it."""
 
+    serving_requires: ClassVar[tuple[str, ...]] = ()
+    """Imports the service needs for this model besides the runtime's (decoding, tokenizer, labels)."""
+
     pad_value: ClassVar[float | None] = None
     """Samples of different lengths on a dynamic axis may be padded with this to share a batch."""
 

