@@ -39,8 +39,9 @@ class LocalDeployment:
     ) -> None:
         self.stop_all()
 
-    def start(self, spec: ServiceSpec) -> Endpoint:
-        """Start a server for ``spec`` and return once it answers ``/readyz`` (model loaded, warmed up)."""
+    def start(self, spec: ServiceSpec, cpus: frozenset[int] | None = None) -> Endpoint:
+        """Start a server for ``spec`` (on ``cpus`` only, when given) and return once it answers
+        ``/readyz`` (model loaded, warmed up)."""
         port = spec.port or free_port(spec.host)
         spec = spec.model_copy(update={"port": port})
         name = f"{spec.variant.id}.{spec.runtime}"
@@ -66,7 +67,7 @@ class LocalDeployment:
             "--port",
             str(port),
         ]
-        proc = spawn(cmd, log=log, env=env, cwd=run_dir)
+        proc = spawn(cmd, log=log, env=env, cwd=run_dir, cpus=cpus)
         self._procs[name] = proc
         url = f"http://{spec.host}:{port}"
         self._wait_ready(name, url, log)

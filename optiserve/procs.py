@@ -21,19 +21,27 @@ from typing import IO
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> Callable[[], None] | None:
+def _preexec(cpus: frozenset[int] | None) -> Callable[[], None] | None:
+    """In the child: die with the parent, and keep to ``cpus`` (inherited by every worker it starts)."""
     if not sys.platform.startswith("linux"):
         return None
     libc = ctypes.CDLL(None, use_errno=True)
 
     def preexec() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
 
     return preexec
 
 
 def spawn(
-    args: Sequence[str], *, log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+    args: Sequence[str],
+    *,
+    log: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    cpus: frozenset[int] | None = None,
 ) -> subprocess.Popen[bytes]:
     log.parent.mkdir(parents=True, exist_ok=True)
     fh: IO[bytes] = log.open("ab")
@@ -46,7 +54,7 @@ def spawn(
             env=env,
             cwd=cwd,
             start_new_session=True,
-            preexec_fn=_die_with_parent(),
+            preexec_fn=_preexec(cpus),
         )
     finally:
         fh.close()

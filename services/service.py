@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import bentoml
 import numpy as np
@@ -52,9 +52,26 @@ INPUT_DTYPE = SPEC.variant.model.inputs[0].dtype if SPEC else "float32"
 _CORE: list[ServingCore] = []  # set once per worker process by the service's __init__
 
 routes = create_app(lambda: _CORE[0] if _CORE else None)
+INFERENCE_PATHS = ["/v2/models", "/predict", "/classify", "/embed"]
 
 
-@bentoml.service(name="optiserve", workers=1, traffic={"timeout": 120})
+def bento_config(spec: ServiceSpec | None) -> dict[str, Any]:
+    """BentoML settings. Per-request access logs and tracing spans cost ~0.25 ms a request together
+    (measured on the tiny MLP: 0.77 → 0.53 ms p50), so both are off for inference paths unless the
+    ServiceSpec asks for them; Prometheus metrics stay on."""
+    access_log = bool(spec and spec.access_log)
+    config: dict[str, Any] = {
+        "name": "optiserve",
+        "workers": 1,
+        "traffic": {"timeout": 120},
+        "logging": {"access": {"enabled": access_log}},
+    }
+    if not (spec and spec.tracing):
+        config["tracing"] = {"excluded_urls": INFERENCE_PATHS}
+    return config
+
+
+@bentoml.service(**bento_config(SPEC))
 @bentoml.asgi_app(routes, path="/")
 class OptiserveService:
     def __init__(self) -> None:
