@@ -51,9 +51,10 @@ typecheck: $(VENV)/.test-deps
 pytest: $(VENV)/.test-deps
 	$(PY) -m pytest $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
-## system-deps: Debian packages some built-ins and tests use (run as root): Fashion-MNIST for fashion-cnn.
-## Without it fashion-cnn trains on scikit-learn's digits instead; CI installs it.
-SYSTEM_PACKAGES := dataset-fashion-mnist
+## system-deps: Debian packages some built-ins and tests use (run as root): Fashion-MNIST for fashion-cnn
+## (without it fashion-cnn trains on scikit-learn's digits instead) and Prometheus for server-side
+## measurements (without it runs scrape /metrics directly). CI installs both.
+SYSTEM_PACKAGES := dataset-fashion-mnist prometheus
 system-deps:
 	@if dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1; then echo "system packages present: $(SYSTEM_PACKAGES)"; \
 	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); fi

@@ -136,6 +136,12 @@ MODEL_LOAD = MetricDef(
     "Seconds from process start of the service to ready: artifact check, runtime load and warm-up.",
 )
 READY = MetricDef("optiserve_ready", "gauge", "1 once the model is loaded and warmed up, 0 while draining.")
+PROCESS_CPU = MetricDef(
+    "optiserve_process_cpu_seconds", "counter", "CPU seconds used by the serving process (user + system)."
+)
+PROCESS_MEMORY = MetricDef(
+    "optiserve_process_resident_memory_bytes", "gauge", "Resident memory of the serving process."
+)
 
 ALL: tuple[MetricDef, ...] = (
     REQUEST_DURATION,
@@ -146,6 +152,8 @@ ALL: tuple[MetricDef, ...] = (
     ERRORS,
     MODEL_LOAD,
     READY,
+    PROCESS_CPU,
+    PROCESS_MEMORY,
 )
 
 
@@ -224,3 +232,8 @@ class ServiceMetrics:
 
     def ready(self, value: bool) -> None:
         self._child(READY).set(1.0 if value else 0.0)
+
+    def process(self, cpu_seconds_delta: float, rss_bytes: int) -> None:
+        """BentoML's multiprocess registry has no process collector: the service reports its own."""
+        self._child(PROCESS_CPU).inc(max(0.0, cpu_seconds_delta))
+        self._child(PROCESS_MEMORY).set(rss_bytes)

@@ -166,6 +166,10 @@ class ThreadSpec(Frozen):
 
     intra_op: int = Field(default=1, ge=1)
     inter_op: int = Field(default=1, ge=1)
+    streams: int = Field(default=1, ge=1)
+    """Parallel inference streams (OpenVINO NUM_STREAMS); the other runtimes run one batch at a time."""
+    performance_hint: Literal["LATENCY", "THROUGHPUT"] = "LATENCY"
+    """OpenVINO's performance hint; the explicit threads and streams above take precedence."""
 
 
 class ServingLimits(Frozen):
@@ -217,8 +221,15 @@ class LoadSpec(Frozen):
     scenario: str
     load_model: Literal["closed", "open"]
     users: int = Field(ge=1)
+    """Closed loop: concurrent users. Open loop: the most requests in flight (connections)."""
     duration_s: float = Field(gt=0)
     warmup_s: float = Field(ge=0)
+    rate_rps: float | None = Field(default=None, gt=0)
+    """Open loop: the offered rate (the peak, for a profile)."""
+    arrival: Literal["constant", "poisson"] = "constant"
+    """Open loop: evenly spaced sends, or exponential gaps (a Poisson process) at the same mean rate."""
+    profile: tuple[tuple[float, float], ...] = ()
+    """Open loop, optional: (seconds, rate) segments after the warm-up (ramp, spike); else ``rate_rps``."""
 
 
 class MachineInfo(Frozen):
@@ -242,6 +253,45 @@ class LatencyStats(Frozen):
     max: float
 
 
+class Interval(Frozen):
+    """A 95% confidence interval (bootstrap over the measured requests)."""
+
+    low: float
+    high: float
+
+
+class Integrity(Frozen):
+    """Whether a load level's figures can be trusted, and why not when they cannot."""
+
+    stable: bool | None = None
+    """Three consecutive windows within 10% on throughput and p99; None when the level was too short."""
+    windows: int = 0
+    target_rps: float | None = None
+    """Open loop: the offered rate."""
+    late_fraction: float | None = None
+    """Open loop: requests sent more than 1 ms after their scheduled time."""
+    generator_cpu_max: float | None = None
+    """Peak CPU of the load generator process (percent of one core)."""
+    generator_capacity_rps: float | None = None
+    """What this generator achieves against a null endpoint on this machine (measured at start)."""
+    flags: tuple[str, ...] = ()
+    """Human-readable reasons to distrust this level (unstable, generator saturated, rate not reached)."""
+
+
+class ServerSideStats(Frozen):
+    """What the server measured (its Prometheus histograms), over the same window as the client."""
+
+    source: Literal["prometheus", "scrape"]
+    """``prometheus``: PromQL against a real Prometheus; ``scrape``: /metrics read directly."""
+    requests: float
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    mean_batch_size: float | None = None
+    queue_wait_p50_ms: float | None = None
+    cpu_percent: float | None = None
+    memory_mib: float | None = None
+
+
 class BenchResult(Frozen):
     variant_id: str
     runtime: str
@@ -258,6 +308,11 @@ class BenchResult(Frozen):
     latency_ms: LatencyStats | None
     errors_by_kind: dict[str, int] = Field(default_factory=dict)
     samples_path: str
+    ci_p50_ms: Interval | None = None
+    ci_p99_ms: Interval | None = None
+    ci_throughput_rps: Interval | None = None
+    integrity: Integrity = Integrity()
+    server: ServerSideStats | None = None
 
 
 class ReportRow(Frozen):

@@ -105,6 +105,19 @@ class ServingCore:
         self.metrics.ready(True)
         LOG.info("%s on %s ready in %.1f s", self.spec.variant.id, self.spec.runtime, seconds)
 
+    async def sample_process(self, every_s: float = 1.0) -> None:
+        """Report this process's CPU and memory to the metrics contract until cancelled."""
+        import psutil
+
+        me = psutil.Process()
+        last = 0.0
+        while True:
+            times = me.cpu_times()
+            total = times.user + times.system
+            self.metrics.process(total - last, me.memory_info().rss)
+            last = total
+            await asyncio.sleep(every_s)
+
     def stop(self) -> None:
         self.ready = False
         self.metrics.ready(False)

@@ -15,6 +15,7 @@ the requests in flight before it exits.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -83,6 +84,7 @@ class OptiserveService:
     @bentoml.on_startup  # type: ignore[untyped-decorator]
     async def warm_up(self) -> None:
         await self.core.warm_up()
+        self._sampler = asyncio.get_running_loop().create_task(self.core.sample_process())
 
     @bentoml.on_shutdown  # type: ignore[untyped-decorator]
     def drain(self) -> None:

@@ -8,8 +8,8 @@ Precision: on CPUs with bf16 support (AVX512_BF16, AMX) the CPU plugin's default
 with AVX512_BF16 this gave 92% top-1 agreement with FP32 on EfficientNet-Lite0's eval crops). The hint
 is pinned to ``f32`` here, so an FP32 IR runs in FP32, an FP16-compressed IR has its weights
 decompressed to FP32 at compile time, and an INT8 IR runs its non-quantized ops in FP32.
-``precision_hint`` / ``performance_hint`` are class attributes until the ServiceSpec carries runtime
-settings.
+Threads, streams and the performance hint come from the ServiceSpec's ``threads``; ``precision_hint``
+is a class attribute.
 
 Devices: CPU by default; ``runtime_options: {"device": "GPU"}`` (an Intel GPU) or ``"AUTO"`` compiles
 for that device when OpenVINO sees it, and is a configuration error naming the devices it sees otherwise.
@@ -40,7 +40,6 @@ class OpenVinoCPU(Runtime):
     option_names: ClassVar[tuple[str, ...]] = ("device",)
     precision_hint: ClassVar[str] = "f32"
     """``f32`` keeps FP32 FP32 (see the module docstring); ``bf16`` trades accuracy for speed."""
-    performance_hint: ClassVar[str] = "LATENCY"
 
     def device(self, core: Any) -> str:
         device = str(self.options.get("device", "CPU")).upper()
@@ -52,11 +51,11 @@ class OpenVinoCPU(Runtime):
 
     def properties(self, device: str = "CPU") -> dict[str, Any]:
         if device != "CPU":  # threads and precision hints are CPU-plugin settings
-            return {"PERFORMANCE_HINT": self.performance_hint}
+            return {"PERFORMANCE_HINT": self.threads.performance_hint}
         return {
             "INFERENCE_NUM_THREADS": self.threads.intra_op,
-            "NUM_STREAMS": 1,
-            "PERFORMANCE_HINT": self.performance_hint,
+            "NUM_STREAMS": self.threads.streams,
+            "PERFORMANCE_HINT": self.threads.performance_hint,
             "INFERENCE_PRECISION_HINT": self.precision_hint,
         }
 
