@@ -18,7 +18,7 @@ import json
 import os
 import time
 
-from locust import FastHttpUser, constant, events, task
+from locust import FastHttpUser, constant, constant_throughput, events, task
 
 with open(os.environ["OPTISERVE_PAYLOADS"], "rb") as _fh:
     _records = [json.loads(line) for line in _fh.read().splitlines() if line.strip()]
@@ -75,3 +75,10 @@ class ClosedLoopUser(FastHttpUser):
         with self.client.post(PATH, data=body, headers=headers, catch_response=True) as resp:  # type: ignore[arg-type]
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}")
+
+
+class PacedClosedLoopUser(ClosedLoopUser):
+    """A closed loop paced to ``OPTISERVE_RATE`` requests/s per user (Locust's constant_throughput):
+    the usual way load tools emulate a request rate, and the one coordinated omission fools."""
+
+    wait_time = constant_throughput(float(os.environ.get("OPTISERVE_RATE", "1")))

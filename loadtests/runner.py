@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import json
 import os
@@ -11,14 +12,24 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from optiserve.errors import LoadTestError
 from optiserve.fsutil import atomic_write_text
 from optiserve.hardware import machine_info
 from optiserve.procs import spawn, stop_group, tail
-from optiserve.types import BenchResult, Endpoint, LoadSpec
+from optiserve.types import BenchResult, Endpoint, Integrity, LoadSpec
 
-from .stats import latency_stats, measured_window, read_samples
+from .stats import (
+    Window,
+    bootstrap_percentile_ci,
+    late_fraction,
+    latency_stats,
+    measured_window,
+    read_samples,
+    stability,
+    throughput_ci,
+)
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
@@ -36,16 +47,124 @@ def write_payloads(path: Path, samples: np.ndarray, input_name: str, limit: int 
     return path
 
 
-def run_level(
-    endpoint: Endpoint, load: LoadSpec, payloads: Path, out_dir: Path, *, user_class: str
-) -> BenchResult:
+def level_stem(endpoint: Endpoint, load: LoadSpec) -> str:
     variant = endpoint.service.variant
-    stem = f"{variant.id}.{endpoint.service.runtime}.{load.scenario}.u{load.users}"
+    shape = f"r{load.rate_rps:g}" if load.load_model == "open" and load.rate_rps else f"u{load.users}"
+    return f"{variant.id}.{endpoint.service.runtime}.{load.scenario}.{shape}"
+
+
+def run_level(
+    endpoint: Endpoint,
+    load: LoadSpec,
+    payloads: Path,
+    out_dir: Path,
+    *,
+    user_class: str = "ClosedLoopUser",
+    cpus: frozenset[int] | None = None,
+    capacity_rps: float | None = None,
+    stem: str | None = None,
+) -> BenchResult:
+    """Drive one load level (Locust for closed loops, the open-loop generator for open ones), on
+    ``cpus`` when given, and turn its raw samples into a BenchResult with CIs and integrity checks."""
+    stem = stem or level_stem(endpoint, load)
     samples_path = out_dir / f"{stem}.samples.csv"
-    log = out_dir / f"{stem}.locust.log"
+    log = out_dir / f"{stem}.{'locust' if load.load_model == 'closed' else 'openloop'}.log"
     out_dir.mkdir(parents=True, exist_ok=True)
     samples_path.unlink(missing_ok=True)
     log.unlink(missing_ok=True)
+    if load.load_model == "open":
+        cmd, env = _open_loop_command(endpoint, load, payloads, samples_path, out_dir / f"{stem}.spec.json")
+    else:
+        cmd, env = _locust_command(endpoint, load, payloads, samples_path, user_class)
+    run_time = load.warmup_s + (sum(s for s, _ in load.profile) if load.profile else load.duration_s)
+    started = dt.datetime.now(dt.UTC)
+    proc = spawn(cmd, log=log, env=env, cpus=cpus)
+    cpu_peak = 0.0
+    try:
+        watcher = psutil.Process(proc.pid)
+        watcher.cpu_percent(None)
+        began = time.monotonic()
+        while proc.poll() is None and time.monotonic() < began + run_time + 90:
+            time.sleep(0.5)
+            with contextlib.suppress(psutil.Error):
+                busy = watcher.cpu_percent(None)  # since the previous call: a 0.5 s average
+                if time.monotonic() - began > load.warmup_s + 1:
+                    cpu_peak = max(cpu_peak, busy)
+    finally:
+        code = stop_group(proc, grace_s=10)
+    if code != 0 or not samples_path.exists():
+        raise LoadTestError(
+            f"the load generator failed (exit {code}) for {stem}; last lines of {log}:\n{tail(log)}"
+        )
+    window = measured_window(read_samples(samples_path), load.warmup_s)
+    n = len(window.samples)
+    if n == 0:
+        raise LoadTestError(
+            f"no request finished after the {load.warmup_s:.0f}s warm-up for {stem}; see {log}"
+        )
+    ok_latency = window.samples.latency_ms[window.samples.ok]
+    integrity = _integrity(window, load, cpu_peak, capacity_rps)
+    return BenchResult(
+        variant_id=endpoint.service.variant.id,
+        runtime=endpoint.service.runtime,
+        precision=endpoint.service.variant.precision,
+        endpoint=endpoint,
+        load=load,
+        machine=machine_info(),
+        started_at=started,
+        measured_s=window.seconds,
+        n_requests=n,
+        n_errors=window.n_errors,
+        error_rate=window.n_errors / n,
+        throughput_rps=window.throughput,
+        latency_ms=latency_stats(ok_latency),
+        errors_by_kind=window.errors_by_kind(),
+        samples_path=str(samples_path),
+        ci_p50_ms=bootstrap_percentile_ci(ok_latency, 50),
+        ci_p99_ms=bootstrap_percentile_ci(ok_latency, 99),
+        ci_throughput_rps=throughput_ci(window),
+        integrity=integrity,
+    )
+
+
+GENERATOR_CPU_LIMIT = 90.0
+RATE_SHORTFALL = 0.95
+LATE_LIMIT = 0.01
+
+
+def _integrity(window: Window, load: LoadSpec, cpu_peak: float, capacity_rps: float | None) -> Integrity:
+    stable, windows = stability(window)
+    late = late_fraction(window)
+    flags = []
+    if stable is False:
+        flags.append("unstable: throughput or p99 varied by more than 10% across the level's thirds")
+    if cpu_peak > GENERATOR_CPU_LIMIT:
+        flags.append(f"load generator saturated: its CPU peaked at {cpu_peak:.0f}% of a core")
+    target = load.rate_rps if load.load_model == "open" and not load.profile else None
+    if target is not None:
+        offered = len(window.samples) / window.seconds if window.seconds > 0 else 0.0
+        if offered < RATE_SHORTFALL * target:
+            flags.append(f"offered {offered:.0f} req/s, below 95% of the {target:g} req/s target")
+        if capacity_rps is not None and target > capacity_rps:
+            flags.append(
+                f"target {target:g} req/s exceeds the generator's measured capacity {capacity_rps:.0f} req/s"
+            )
+    if late is not None and late > LATE_LIMIT:
+        flags.append(f"{late:.1%} of sends left more than 1 ms late")
+    return Integrity(
+        stable=stable,
+        windows=windows,
+        target_rps=load.rate_rps if load.load_model == "open" else None,
+        late_fraction=late,
+        generator_cpu_max=round(cpu_peak, 1),
+        generator_capacity_rps=capacity_rps,
+        flags=tuple(flags),
+    )
+
+
+def _locust_command(
+    endpoint: Endpoint, load: LoadSpec, payloads: Path, samples_path: Path, user_class: str
+) -> tuple[list[str], dict[str, str]]:
     run_time = load.warmup_s + load.duration_s
     cmd = [
         sys.executable,
@@ -76,38 +195,79 @@ def run_level(
         OPTISERVE_PAYLOADS=str(payloads),
         OPTISERVE_SAMPLES=str(samples_path),
         OPTISERVE_PATH=endpoint.infer_url.removeprefix(endpoint.url),
+        OPTISERVE_RATE=str((load.rate_rps or 1.0) / load.users),
         PYTHONUNBUFFERED="1",
     )
-    started = dt.datetime.now(dt.UTC)
-    proc = spawn(cmd, log=log, env=env)
-    try:
-        deadline = time.monotonic() + run_time + 60
-        while proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-    finally:
-        code = stop_group(proc, grace_s=10)
-    if code != 0 or not samples_path.exists():
-        raise LoadTestError(f"locust failed (exit {code}) for {stem}; last lines of {log}:\n{tail(log)}")
-    window = measured_window(read_samples(samples_path), load.warmup_s)
-    n = len(window.samples)
-    if n == 0:
-        raise LoadTestError(
-            f"no request finished after the {load.warmup_s:.0f}s warm-up for {stem}; see {log}"
-        )
-    return BenchResult(
-        variant_id=variant.id,
-        runtime=endpoint.service.runtime,
-        precision=variant.precision,
-        endpoint=endpoint,
-        load=load,
-        machine=machine_info(),
-        started_at=started,
-        measured_s=window.seconds,
-        n_requests=n,
-        n_errors=window.n_errors,
-        error_rate=window.n_errors / n,
-        throughput_rps=window.throughput,
-        latency_ms=latency_stats(window.samples.latency_ms[window.samples.ok]),
-        errors_by_kind=window.errors_by_kind(),
-        samples_path=str(samples_path),
+    return cmd, env
+
+
+def _open_loop_command(
+    endpoint: Endpoint, load: LoadSpec, payloads: Path, samples_path: Path, spec_path: Path
+) -> tuple[list[str], dict[str, str]]:
+    if load.rate_rps is None and not load.profile:
+        raise LoadTestError(f"open-loop level of {load.scenario} has neither rate_rps nor a profile")
+    first_rate = load.profile[0][1] if load.profile else load.rate_rps
+    segments = [(load.warmup_s, first_rate), *(load.profile or [(load.duration_s, load.rate_rps)])]
+    spec = {
+        "host": endpoint.service.host,
+        "port": endpoint.service.port,
+        "path": endpoint.infer_url.removeprefix(endpoint.url),
+        "payloads": str(payloads),
+        "samples": str(samples_path),
+        "segments": [[float(a), float(b)] for a, b in segments if a > 0],
+        "arrival": load.arrival,
+        "users": load.users,
+        "seed": 0,
+    }
+    atomic_write_text(spec_path, json.dumps(spec, indent=2))
+    cmd = [sys.executable, "-m", "optiserve.loadtests.openloop", "--spec", str(spec_path)]
+    return cmd, dict(os.environ, PYTHONUNBUFFERED="1")
+
+
+def generator_capacity(
+    out_dir: Path, *, server_cpus: frozenset[int] | None, cpus: frozenset[int] | None
+) -> float:
+    """Requests/s the open-loop generator completes against a null endpoint on this machine (2 s at
+    an offered 20,000 req/s), measured once before a run's open-loop levels."""
+    from optiserve.procs import free_port
+
+    port = free_port()
+    server_log = out_dir / "null-server.log"
+    server = spawn(
+        [sys.executable, "-m", "optiserve.loadtests.null_server", str(port)], log=server_log, cpus=server_cpus
     )
+    try:
+        deadline = time.monotonic() + 10
+        while (
+            b"ready" not in (server_log.read_bytes() if server_log.exists() else b"")
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+        payloads = out_dir / "null-payloads.jsonl"
+        body = b'{"inputs":[]}'
+        atomic_write_text(
+            payloads, json.dumps({"body": base64.b64encode(body).decode(), "header_length": len(body)}) + "\n"
+        )
+        samples = out_dir / "null.samples.csv"
+        spec = {
+            "host": "127.0.0.1",
+            "port": port,
+            "path": "/null",
+            "payloads": str(payloads),
+            "samples": str(samples),
+            "segments": [[2.0, 20000.0]],
+            "arrival": "constant",
+            "users": 64,
+        }
+        spec_path = out_dir / "null.spec.json"
+        atomic_write_text(spec_path, json.dumps(spec))
+        gen = spawn(
+            [sys.executable, "-m", "optiserve.loadtests.openloop", "--spec", str(spec_path)],
+            log=out_dir / "null-generator.log",
+            cpus=cpus,
+        )
+        gen.wait(timeout=120)
+        window = measured_window(read_samples(samples), 0.0)
+        return window.throughput
+    finally:
+        stop_group(server, grace_s=2)

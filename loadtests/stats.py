@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import csv
+import itertools
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from optiserve.types import LatencyStats
+from optiserve.types import Interval, LatencyStats
 
 
 @dataclass(frozen=True)
 class Samples:
     start_s: np.ndarray
+    """Closed loop: when the request was sent. Open loop: when it was scheduled to be sent."""
     latency_ms: np.ndarray
     ok: np.ndarray
     error: list[str]
+    late_ms: np.ndarray | None = None
+    """Open loop: how long after its scheduled time each request actually left."""
 
     def __len__(self) -> int:
         return len(self.start_s)
@@ -28,13 +32,17 @@ def read_samples(path: Path) -> Samples:
     lats: list[float] = []
     oks: list[bool] = []
     errors: list[str] = []
+    late: list[float] = []
     with path.open(newline="") as fh:
         for row in csv.DictReader(fh):
             starts.append(float(row["start_s"]))
             lats.append(float(row["latency_ms"]))
             oks.append(row["ok"] == "1")
             errors.append(row["error"])
-    return Samples(np.asarray(starts), np.asarray(lats), np.asarray(oks, dtype=bool), errors)
+            if "late_ms" in row:
+                late.append(float(row["late_ms"]))
+    late_ms = np.asarray(late) if len(late) == len(starts) and late else None
+    return Samples(np.asarray(starts), np.asarray(lats), np.asarray(oks, dtype=bool), errors, late_ms)
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,7 @@ def measured_window(samples: Samples, warmup_s: float) -> Window:
         samples.latency_ms[keep],
         samples.ok[keep],
         [e for e, k in zip(samples.error, keep, strict=True) if k],
+        samples.late_ms[keep] if samples.late_ms is not None else None,
     )
     if len(kept) == 0:
         return Window(kept, 0.0)
@@ -91,3 +100,67 @@ def latency_stats(latency_ms: np.ndarray) -> LatencyStats | None:
         p99=float(p99),
         max=float(latency_ms.max()),
     )
+
+
+BOOTSTRAP_RESAMPLES = 1000
+STABILITY_TOLERANCE = 0.10
+STABILITY_WINDOWS = 3
+
+
+def bootstrap_percentile_ci(
+    values: np.ndarray, q: float, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> Interval | None:
+    """95% percentile-bootstrap interval of the ``q``-th percentile (None below 20 values)."""
+    if values.size < 20:
+        return None
+    rng = np.random.default_rng(seed)
+    stats = np.empty(resamples)
+    for i in range(resamples):
+        stats[i] = np.percentile(values[rng.integers(0, values.size, values.size)], q)
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return Interval(low=float(low), high=float(high))
+
+
+def throughput_ci(window: Window, bin_s: float = 1.0, seed: int = 0) -> Interval | None:
+    """95% bootstrap interval of throughput, resampling whole seconds (requests within a second are
+    not independent); None for windows shorter than 5 bins."""
+    ok_starts = window.samples.start_s[window.samples.ok]
+    if window.seconds < 5 * bin_s or ok_starts.size == 0:
+        return None
+    t0 = float(window.samples.start_s.min())
+    bins = int(window.seconds // bin_s)
+    counts = np.bincount(((ok_starts - t0) // bin_s).astype(int).clip(0, bins - 1), minlength=bins)[:bins]
+    rng = np.random.default_rng(seed)
+    means = counts[rng.integers(0, bins, (BOOTSTRAP_RESAMPLES, bins))].mean(axis=1) / bin_s
+    low, high = np.percentile(means, [2.5, 97.5])
+    return Interval(low=float(low), high=float(high))
+
+
+def stability(window: Window, windows: int = STABILITY_WINDOWS) -> tuple[bool | None, int]:
+    """(stable, windows): the measured window cut into ``windows`` equal parts; stable when throughput
+    and p99 of every part lie within 10% of their mean. None when a part has fewer than 20 answers."""
+    s = window.samples
+    if len(s) == 0 or window.seconds <= 0:
+        return None, 0
+    t0 = float(s.start_s.min())
+    edges = t0 + np.linspace(0, window.seconds, windows + 1)
+    rates, p99s = [], []
+    for lo, hi in itertools.pairwise(edges):
+        part = (s.start_s >= lo) & (s.start_s < hi) & s.ok
+        if part.sum() < 20:
+            return None, windows
+        rates.append(part.sum() / (hi - lo))
+        p99s.append(float(np.percentile(s.latency_ms[part], 99)))
+    ok = all(_within(values, STABILITY_TOLERANCE) for values in (rates, p99s))
+    return ok, windows
+
+
+def _within(values: list[float], tolerance: float) -> bool:
+    mean = float(np.mean(values))
+    return mean > 0 and max(abs(v - mean) for v in values) <= tolerance * mean
+
+
+def late_fraction(window: Window, late_ms: float = 1.0) -> float | None:
+    if window.samples.late_ms is None or len(window.samples) == 0:
+        return None
+    return float((window.samples.late_ms > late_ms).mean())

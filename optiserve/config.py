@@ -7,10 +7,10 @@ is allowed, before anything is written.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
 
 from optiserve.errors import ConfigError
 from optiserve.types import BatchingSpec, DType, ThreadSpec
@@ -44,6 +44,8 @@ class ServingConfig(Strict):
     ready_timeout_s: float = Field(default=300.0, gt=0)
     serve_rejected: bool = False
     """Also serve variants that failed the accuracy gate (they are never served silently)."""
+    cpus: tuple[int, ...] | None = None
+    """CPUs each server is pinned to (default: see ``cpu_split``); disjoint from the generator's."""
 
 
 class LoadConfig(Strict):
@@ -53,6 +55,20 @@ class LoadConfig(Strict):
     warmup_s: float = Field(default=3.0, ge=0)
     payload_samples: int = Field(default=8, ge=1, le=256)
     """Distinct eval samples sent round-robin by the load generator."""
+    prometheus_url: str | None = Field(default=None, pattern=r"^https?://\S+$")
+    """Server-side figures from this Prometheus (e.g. http://prometheus.monitoring:9090: the Kubernetes
+    path), which must already scrape the services. None: optiserve starts ``prometheus`` for the run when
+    it is on PATH, else reads each service's /metrics directly."""
+    rates: tuple[PositiveFloat, ...] = (10.0, 40.0)
+    """Open loop: offered requests per second, one level each."""
+    arrival: Literal["constant", "poisson"] = "poisson"
+    """Open loop: evenly spaced sends, or a Poisson process at the same mean rate."""
+    slo_ms: float = Field(default=100.0, gt=0)
+    """The p99 bound for the SLO search and for cost at the maximum throughput that meets it."""
+    scenario_options: dict[str, Any] = Field(default_factory=dict)
+    """Further settings of the chosen scenario (e.g. slo-search: max_rate, steps; spike: spike_rate)."""
+    generator_cpus: tuple[int, ...] | None = None
+    """CPUs the load generator is pinned to (default: see ``cpu_split``)."""
 
 
 class EvalConfig(Strict):
@@ -153,3 +169,29 @@ def with_overrides(config: ExperimentConfig, overrides: dict[str, Any]) -> Exper
             node = node.setdefault(key, {})
         node[leaf] = value
     return parse_config(data, "command line")
+
+
+def cpu_split(
+    available: list[int], server: tuple[int, ...] | None, generator: tuple[int, ...] | None
+) -> tuple[frozenset[int] | None, frozenset[int] | None]:
+    """(server CPUs, generator CPUs): disjoint, so the load generator never steals the server's CPU.
+
+    Defaults: one CPU for the generator and the rest for the server (on 2 CPUs: generator 0, server 1);
+    a quarter for the generator from 8 CPUs up; no pinning on a 1-CPU machine. Explicit sets must be
+    disjoint and exist on this machine.
+    """
+    for name, chosen in (("serving.cpus", server), ("load.generator_cpus", generator)):
+        if chosen is not None and not set(chosen) <= set(available):
+            raise ConfigError(f"{name} {list(chosen)} names CPUs this machine lacks (it has {available})")
+    if server is not None and generator is not None and set(server) & set(generator):
+        raise ConfigError(f"serving.cpus {list(server)} and load.generator_cpus {list(generator)} overlap")
+    if server is None and generator is None and len(available) < 2:
+        return None, None
+    if generator is None:
+        rest = [c for c in available if server is None or c not in server]
+        generator = tuple(rest[: max(1, len(available) // 4 if len(available) >= 8 else 1)])
+    if server is None:
+        server = tuple(c for c in available if c not in generator)
+    if not server or not generator:
+        raise ConfigError("CPU pinning left the server or the load generator without a CPU")
+    return frozenset(server), frozenset(generator)

@@ -21,9 +21,19 @@ from optiserve.manifest import list_variants, read_model, variant_dir, write_mod
 from optiserve.progress import Steps
 
 if TYPE_CHECKING:
+    from optiserve.loadtests.scenarios.base import Scenario
     from optiserve.optimizers.base import OptimizeContext
 
-from optiserve.types import BenchResult, Evaluation, ModelSpec, ServiceSpec, ThreadSpec, Variant
+from optiserve.types import (
+    BenchResult,
+    Endpoint,
+    Evaluation,
+    LoadSpec,
+    ModelSpec,
+    ServiceSpec,
+    ThreadSpec,
+    Variant,
+)
 
 
 @dataclass
@@ -216,29 +226,33 @@ def gate(config: ExperimentConfig, p: Plan, evaluations: dict[tuple[str, str], E
 
 
 def bench(config: ExperimentConfig, p: Plan, run_dir: Path, steps: Steps) -> list[BenchResult]:
-    """Serve each pair alone (so pairs never compete for the CPU) and drive it at every load level."""
+    """Serve each pair alone (so pairs never compete for the CPU), with the server and the load
+    generator pinned to disjoint CPUs, and drive it through the scenario's levels."""
+    import os
+
+    from optiserve.config import cpu_split
     from optiserve.deploy.local import LocalDeployment
-    from optiserve.loadtests.runner import run_level, write_payloads
-    from optiserve.loadtests.scenarios.base import Scenario
-    from optiserve.loadtests.scenarios.closed_loop import ClosedLoopConfig
+    from optiserve.loadtests.runner import generator_capacity, level_stem, run_level, write_payloads
     from optiserve.models.resolve import dataset
 
-    scenario_cls = Scenario.get(config.load.scenario)
-    scenario_cls.require_available()
-    scenario = scenario_cls(
-        ClosedLoopConfig(  # type: ignore[call-arg]
-            concurrency=config.load.concurrency,
-            duration_s=config.load.duration_s,
-            warmup_s=config.load.warmup_s,
-        )
+    scenario = scenario_from_config(config)
+    scenario.require_available()
+    server_cpus, generator_cpus = cpu_split(
+        sorted(os.sched_getaffinity(0)), config.serving.cpus, config.load.generator_cpus
     )
-    levels = scenario.levels()
     inputs, _ = dataset(p.spec, "eval", config.load.payload_samples)
     payloads = write_payloads(
         run_dir / "payloads.jsonl", inputs, p.spec.inputs[0].name, limit=config.load.payload_samples
     )
+    samples_dir = run_dir / "samples"
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    capacity = None
+    if scenario.load_model == "open":
+        with steps.task("Measuring the load generator against a null endpoint"):
+            capacity = generator_capacity(samples_dir, server_cpus=server_cpus, cpus=generator_cpus)
     results: list[BenchResult] = []
-    total = len(p.pairs) * (len(levels) + 1)
+    planned = len(scenario.levels())
+    total = len(p.pairs) * (planned + 1)
     with (
         steps.task("Serving and load testing", total=total) as advance,
         LocalDeployment(config.workdir, ready_timeout_s=config.serving.ready_timeout_s) as deployment,
@@ -246,20 +260,48 @@ def bench(config: ExperimentConfig, p: Plan, run_dir: Path, steps: Steps) -> lis
         for variant, runtime in p.pairs:
             name = f"{variant.id}.{runtime}"
             advance(0, description=f"Starting {name}")
-            endpoint = deployment.start(service_spec(config, variant, runtime))
+            endpoint = deployment.start(service_spec(config, variant, runtime), cpus=server_cpus)
             advance(1)
-            for load in levels:
-                advance(
-                    0, description=f"{name}: {load.users} users for {load.warmup_s + load.duration_s:.0f}s"
-                )
+
+            def drive(load: LoadSpec, endpoint: Endpoint = endpoint, name: str = name) -> BenchResult:
+                shape = f"{load.rate_rps:g} req/s" if load.load_model == "open" else f"{load.users} users"
+                advance(0, description=f"{name}: {shape} for {load.warmup_s + load.duration_s:.0f}s")
                 result = run_level(
-                    endpoint, load, payloads, run_dir / "samples", user_class=scenario.user_class
+                    endpoint,
+                    load,
+                    payloads,
+                    samples_dir,
+                    user_class=scenario.user_class or "ClosedLoopUser",
+                    cpus=generator_cpus,
+                    capacity_rps=capacity,
                 )
-                write_model(run_dir / "bench" / f"{name}.{load.scenario}.u{load.users}.json", result)
+                write_model(run_dir / "bench" / f"{level_stem(endpoint, load)}.json", result)
                 results.append(result)
                 advance(1)
+                return result
+
+            scenario.run(drive)
             deployment.stop(name)
     return results
+
+
+def scenario_from_config(config: ExperimentConfig) -> Scenario:
+    """The configured scenario with the experiment's load settings and its own ``scenario_options``."""
+    from pydantic import ValidationError
+
+    from optiserve.loadtests.scenarios.base import Scenario
+
+    cls = Scenario.get(config.load.scenario)
+    fields = cls.Config.model_fields
+    given = {k: v for k, v in config.load.model_dump().items() if k in fields and v is not None}
+    try:
+        return cls(cls.Config(**{**given, **config.load.scenario_options}))
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise ConfigError(
+            f"load.scenario_options.{where}: {first['msg']} (scenario {cls.name} takes: {', '.join(fields)})"
+        ) from e
 
 
 def service_spec(

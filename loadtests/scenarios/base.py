@@ -1,13 +1,24 @@
-"""The Scenario contract: a named load shape that expands into labelled load levels."""
+"""The Scenario contract: a named load shape that drives a served variant level by level.
+
+``levels()`` lists the load levels of fixed-shape scenarios; ``run(drive)`` drives them (``drive`` runs
+one level and returns its BenchResult), and adaptive scenarios (the SLO search) override it to pick
+the next level from the last result. ``from_load`` builds a scenario from the experiment's ``load:``.
+"""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict
 
 from optiserve.registry import Plugin
-from optiserve.types import LoadSpec
+from optiserve.types import BenchResult, LoadSpec
+
+if TYPE_CHECKING:
+    from optiserve.config import LoadConfig
+
+Drive = Callable[[LoadSpec], BenchResult]
 
 
 class ScenarioConfig(BaseModel):
@@ -21,7 +32,22 @@ class Scenario(Plugin, base=True, package="optiserve.loadtests.scenarios"):
     """``closed`` (N users, each waits for its answer) or ``open`` (requests sent on a schedule)."""
 
     user_class: ClassVar[str] = ""
-    """The Locust user class in ``locustfile.py`` that drives this scenario."""
+    """The Locust user class in ``locustfile.py`` that drives this scenario (closed loops)."""
+
+    Config: ClassVar[type[ScenarioConfig]] = ScenarioConfig
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config or self.Config()
+
+    @classmethod
+    def from_load(cls, load: LoadConfig) -> Self:
+        """This scenario with the experiment's ``load:`` settings (only the keys it knows)."""
+        fields = cls.Config.model_fields
+        given = {k: v for k, v in load.model_dump().items() if k in fields and v is not None}
+        return cls(cls.Config(**given))
 
     def levels(self) -> list[LoadSpec]:
         raise NotImplementedError
+
+    def run(self, drive: Drive) -> list[BenchResult]:
+        return [drive(level) for level in self.levels()]

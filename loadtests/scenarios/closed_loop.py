@@ -22,12 +22,11 @@ class ClosedLoopConfig(ScenarioConfig):
 
 class ClosedLoop(Scenario):
     name: ClassVar[str] = "closed-loop"
-    description: ClassVar[str] = "N concurrent users with no think time, swept over a list of N"
+    description: ClassVar[str] = "N concurrent users with no think time, swept over a list of N (Locust)"
     load_model: ClassVar[str] = "closed"
     user_class: ClassVar[str] = "ClosedLoopUser"
-
-    def __init__(self, config: ClosedLoopConfig | None = None) -> None:
-        self.config = config or ClosedLoopConfig()
+    Config = ClosedLoopConfig
+    config: ClosedLoopConfig
 
     def levels(self) -> list[LoadSpec]:
         return [
