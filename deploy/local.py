@@ -45,6 +45,8 @@ class LocalDeployment:
         port = spec.port or free_port(spec.host)
         spec = spec.model_copy(update={"port": port})
         name = f"{spec.variant.id}.{spec.runtime}"
+        if name in self._procs:  # a second server of the same pair (an A/A comparison)
+            name = f"{name}.{port}"
         run_dir = self.workdir / "services" / name
         spec_path = run_dir / "service.json"
         write_model(spec_path, spec)

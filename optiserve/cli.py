@@ -54,6 +54,21 @@ OptimizerOpt = Annotated[
 EvalOpt = Annotated[
     int | None, typer.Option("--eval-samples", help="Held-out samples for the accuracy check.")
 ]
+PrometheusUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--prometheus-url",
+        help="Read server-side figures from this Prometheus (it must scrape the services); "
+        "default: start `prometheus` if on PATH, else scrape /metrics directly.",
+    ),
+]
+ScenarioOpt = Annotated[
+    str | None,
+    typer.Option("--scenario", "-s", help="closed-loop (default), open-loop, slo-search, ramp or spike."),
+]
+RateOpt = Annotated[
+    str | None, typer.Option("--rate", help="Open-loop rates in req/s, comma-separated: 10,50.")
+]
 InputShapeOpt = Annotated[
     str | None, typer.Option("--input-shape", help="Per-sample shape for module:callable: 3,224,224.")
 ]
@@ -71,6 +86,18 @@ def _ints(text: str | None, what: str) -> list[int] | None:
     return values
 
 
+def _floats(text: str | None, what: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError as e:
+        raise ConfigError(f"{what} must be comma-separated numbers, e.g. 10,50 (got {text!r})") from e
+    if not values or min(values) <= 0:
+        raise ConfigError(f"{what} needs positive numbers (got {text!r})")
+    return values
+
+
 def _config(
     path: Path | None,
     *,
@@ -83,8 +110,13 @@ def _config(
     optimizers: list[str] | None = None,
     eval_samples: int | None = None,
     input_shape: str | None = None,
+    prometheus_url: str | None = None,
+    scenario: str | None = None,
+    rates: str | None = None,
 ) -> ExperimentConfig:
     overrides: dict[str, Any] = {
+        "load.scenario": scenario,
+        "load.rates": _floats(rates, "--rate"),
         "model.ref": model,
         "model.input_shape": _ints(input_shape, "--input-shape"),
         "workdir": str(workdir) if workdir else None,
@@ -94,6 +126,7 @@ def _config(
         "serving.runtimes": runtimes or None,
         "optimizers": [{"name": n} for n in optimizers] if optimizers else None,
         "eval.samples": eval_samples,
+        "load.prometheus_url": prometheus_url,
     }
     return with_overrides(load_config(path), overrides)
 
@@ -110,6 +143,9 @@ def run(
     optimizer: OptimizerOpt = None,
     eval_samples: EvalOpt = None,
     input_shape: InputShapeOpt = None,
+    scenario: ScenarioOpt = None,
+    rate: RateOpt = None,
+    prometheus_url: PrometheusUrlOpt = None,
 ) -> None:
     """Optimize → evaluate → serve → load test → report, end to end.
 
@@ -129,6 +165,9 @@ def run(
         optimizers=optimizer,
         eval_samples=eval_samples,
         input_shape=input_shape,
+        scenario=scenario,
+        rates=rate,
+        prometheus_url=prometheus_url,
     )
     steps = Steps()
     spec = pipeline.resolve(cfg)
@@ -151,7 +190,7 @@ def run(
     report = build_report(
         spec.name, {v.id: v for v in variants}, results, list(evaluations.values()), served.skipped
     )
-    json_path, md_path = write_report(report, run_dir)
+    json_path, md_path, _ = write_report(report, run_dir, {"command": " ".join(sys.argv)})
     out.print(render_table(report))
     _print_skipped(served.skipped)
     out.print(f"Report: {md_path}  (and {json_path.name}; raw samples in {run_dir / 'samples'})")
@@ -301,6 +340,9 @@ def bench(
     variant: Annotated[
         list[str] | None, typer.Option("--variant", "-v", help="Variant ids (default: all).")
     ] = None,
+    scenario: ScenarioOpt = None,
+    rate: RateOpt = None,
+    prometheus_url: PrometheusUrlOpt = None,
 ) -> None:
     """Load-test variants that already exist (serve each, drive it with Locust) and write a report.
 
@@ -319,6 +361,9 @@ def bench(
         warmup=warmup,
         runtimes=runtime,
         input_shape=input_shape,
+        scenario=scenario,
+        rates=rate,
+        prometheus_url=prometheus_url,
     )
     p = _existing_plan(cfg, variant)
     run_dir = pipeline.new_run_dir(cfg.workdir)
@@ -330,9 +375,87 @@ def bench(
     for ev in evaluations:
         write_model(run_dir / "eval" / f"{ev.variant_id}.{ev.runtime}.json", ev)
     report = build_report(p.spec.name, {v.id: v for v in p.variants}, results, evaluations, p.skipped)
-    _, md_path = write_report(report, run_dir)
+    _, md_path, _ = write_report(report, run_dir, {"command": " ".join(sys.argv)})
     out.print(render_table(report))
     out.print(f"Report: {md_path}")
+
+
+@app.command()
+def compare(
+    a: Annotated[
+        str, typer.Argument(help="Variant A: an id, optionally @runtime (default: its first runtime).")
+    ],
+    b: Annotated[str, typer.Argument(help="Variant B, the same way (may be A's id on another runtime).")],
+    config: Annotated[Path | None, typer.Option("--config", help="Experiment YAML file.")] = None,
+    model: ModelOpt = None,
+    workdir: WorkdirOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    duration: DurationOpt = None,
+    warmup: WarmupOpt = None,
+    scenario: ScenarioOpt = None,
+    rate: RateOpt = None,
+    input_shape: InputShapeOpt = None,
+    repeats: Annotated[int, typer.Option("--repeats", help="Interleaved runs of each side (>= 2).")] = 4,
+) -> None:
+    """A/B: serve A and B, run the same load level on each in alternating order, and report the
+    differences in p50, p99 and throughput with 95% confidence intervals and a verdict. A and B may
+    be the same variant and runtime (an A/A test: two servers, which should show no difference).
+
+    Example: [bold]optiserve compare efficientnet-lite0.onnx.c57e0c efficientnet-lite0.torch.a68522 -c 4[/]
+    """
+    from optiserve import pipeline
+    from optiserve.compare import Side, render_markdown, run_comparison
+    from optiserve.fsutil import atomic_write_text
+
+    cfg = _config(
+        config,
+        model=model,
+        workdir=workdir,
+        concurrency=concurrency,
+        duration=duration,
+        warmup=warmup,
+        input_shape=input_shape,
+        scenario=scenario,
+        rates=rate,
+    )
+    p = _existing_plan(cfg, None)
+    variants = {v.id: v for v in p.variants}
+    sides = []
+    for ref in (a, b):
+        vid, _, rt = ref.partition("@")
+        if vid not in variants:
+            raise ConfigError(
+                f"unknown variant {vid!r} in {cfg.workdir}; known: {', '.join(variants) or '(none)'}"
+            )
+        servable = [r for v, r in p.pairs if v.id == vid]
+        if not servable:
+            raise ConfigError(
+                f"{vid} cannot be served here (rejected by the gate, or no runtime): see `optiserve optimize`"
+            )
+        if rt and rt not in servable:
+            raise ConfigError(f"{vid} is not served by {rt!r}; it can be: {', '.join(servable)}")
+        sides.append(Side(vid, rt or servable[0]))
+    run_dir = pipeline.new_run_dir(cfg.workdir)
+    result = run_comparison(cfg, sides[0], sides[1], variants, repeats, run_dir, Steps())
+    _write_json(run_dir / "compare.json", result.model_dump(mode="json"))
+    atomic_write_text(run_dir / "compare.md", render_markdown(result))
+    table = Table(
+        title=f"A = {result.a}   B = {result.b}   ({result.repeats} interleaved repeats, {result.load})"
+    )
+    for col in ("metric", "A", "B", "B vs A", "95% CI", "verdict"):
+        table.add_column(col)
+    for m in result.metrics:
+        table.add_row(
+            m.metric,
+            f"{m.a:.2f}",
+            f"{m.b:.2f}",
+            f"{m.relative_diff:+.1%}",
+            f"[{m.ci_low:+.1%}, {m.ci_high:+.1%}]",
+            m.verdict,
+        )
+    out.print(table)
+    out.print(f"Verdict (p50): {result.verdict}")
+    out.print(f"Details: {run_dir / 'compare.md'}")
 
 
 @app.command()
@@ -366,7 +489,7 @@ def report(
     variants = pipeline.known_variants(workdir_of_run)
     model = results[0].endpoint.service.variant.model.name if results else "model"
     rep = build_report(model, variants, results, evaluations, skipped)
-    _, md_path = write_report(rep, run_dir)
+    _, md_path, _ = write_report(rep, run_dir, {"command": " ".join(sys.argv)})
     out.print(render_table(rep))
     out.print(f"Report: {md_path}")
 

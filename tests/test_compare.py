@@ -1,0 +1,92 @@
+"""`optiserve compare`: the statistics on known numbers, and real A/A and A/B runs through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from optiserve.compare import compare_metric
+from tests.conftest import MLP_CALLABLE, run_cli
+
+
+def test_a_consistent_difference_names_the_winner() -> None:
+    a, b = [10.0, 10.4, 9.8, 10.1], [5.0, 5.3, 4.9, 5.1]
+    m = compare_metric("p50_ms", a, b)
+    assert m.verdict == "B better"
+    assert m.ci_high < 0 and abs(m.relative_diff - (-0.494)) < 0.01
+    assert compare_metric("throughput_rps", a, b).verdict == "A better"  # higher throughput wins
+
+
+def test_noise_around_zero_is_no_significant_difference() -> None:
+    m = compare_metric("p50_ms", [10.0, 10.5, 9.6, 10.2], [10.3, 9.7, 10.1, 10.0])
+    assert m.verdict == "no significant difference"
+    assert m.ci_low < 0 < m.ci_high
+
+
+def test_a_tiny_but_consistent_difference_is_below_the_minimum_effect() -> None:
+    m = compare_metric("p50_ms", [10.0, 10.0, 10.0, 10.0], [10.1, 10.1, 10.11, 10.1])
+    assert m.ci_low > 0  # statistically clear...
+    assert m.verdict == "no significant difference"  # ...but 1% is not a result on a shared machine
+
+
+def test_repeats_are_needed() -> None:
+    with pytest.raises(ValueError, match="two paired repeats"):
+        compare_metric("p50_ms", [1.0], [2.0])
+
+
+def compare(tmp: Path, *args: object) -> dict:  # type: ignore[type-arg]
+    result = run_cli(
+        "compare",
+        *args,
+        "-w",
+        "w",
+        "--duration",
+        "3",
+        "--warmup",
+        "1",
+        "--repeats",
+        "3",
+        cwd=tmp,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    (found,) = list((tmp / "w" / "results").glob("*/compare.json"))
+    found.rename(found.with_name("done.json"))
+    return json.loads(found.with_name("done.json").read_text())  # type: ignore[no-any-return]
+
+
+@pytest.mark.slow
+def test_an_aa_comparison_finds_no_difference(tmp_path: Path) -> None:
+    optimized = run_cli(
+        "optimize", "-m", MLP_CALLABLE, "--input-shape", "16", "-w", "w", "-o", "onnx-export", cwd=tmp_path
+    )
+    assert optimized.returncode == 0, optimized.stderr
+    (variant,) = [p.name for p in (tmp_path / "w" / "variants").glob("mlp.onnx.*")]
+    out = compare(tmp_path, variant, variant, "-m", MLP_CALLABLE, "--input-shape", "16", "-c", "2")
+    assert out["verdict"] == "no significant difference", out["metrics"]
+    assert out["a"] == out["b"] == f"{variant}@onnxruntime"
+    assert len(out["results"]) == 6
+
+
+@pytest.mark.slow
+def test_onnxruntime_beats_torch_eager_on_efficientnet(tmp_path: Path) -> None:
+    optimized = run_cli(
+        "optimize",
+        "-m",
+        "efficientnet-lite0",
+        "-w",
+        "w",
+        "-o",
+        "onnx-export",
+        "--eval-samples",
+        "8",
+        cwd=tmp_path,
+    )
+    assert optimized.returncode == 0, optimized.stderr
+    variants = {p.name.split(".")[1]: p.name for p in (tmp_path / "w" / "variants").iterdir()}
+    out = compare(tmp_path, variants["onnx"], variants["torch"], "-m", "efficientnet-lite0", "-c", "1")
+    p50 = out["metrics"][0]
+    assert out["verdict"] == "A better", out["metrics"]  # A = ONNX Runtime, about twice as fast
+    assert p50["b"] > p50["a"]
