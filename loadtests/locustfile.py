@@ -6,7 +6,8 @@ Inputs come from the environment, so the runner controls everything without locu
 ``OPTISERVE_SAMPLES`` (where raw samples are written).
 
 Every request becomes one raw sample ``start_epoch_s,latency_ms,ok,error_kind`` in a CSV, written
-when Locust quits; the runner computes all statistics from those samples, not from Locust's own.
+when Locust quits (one ``<samples>.part-<pid>`` per Locust process; the runner merges them); the
+runner computes all statistics from those samples, not from Locust's own.
 """
 
 from __future__ import annotations
@@ -54,12 +55,14 @@ def _record(  # type: ignore[no-untyped-def]
 
 @events.quitting.add_listener
 def _write(environment, **kw):  # type: ignore[no-untyped-def]
-    tmp = SAMPLES_FILE + ".tmp"
+    # One part per process: with --processes N, Locust forks N workers that each hold their own samples.
+    part = f"{SAMPLES_FILE}.part-{os.getpid()}"
+    tmp = part + ".tmp"
     with open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["start_s", "latency_ms", "ok", "error"])
         writer.writerows(_samples)
-    os.replace(tmp, SAMPLES_FILE)
+    os.replace(tmp, part)
 
 
 class ClosedLoopUser(FastHttpUser):

@@ -63,9 +63,11 @@ def run_level(
     cpus: frozenset[int] | None = None,
     capacity_rps: float | None = None,
     stem: str | None = None,
+    processes: int = 1,
 ) -> BenchResult:
-    """Drive one load level (Locust for closed loops, the open-loop generator for open ones), on
-    ``cpus`` when given, and turn its raw samples into a BenchResult with CIs and integrity checks."""
+    """Drive one load level (Locust for closed loops, with ``processes`` worker processes when > 1;
+    the open-loop generator for open ones), on ``cpus`` when given, and turn its raw samples into a
+    BenchResult with CIs and integrity checks."""
     stem = stem or level_stem(endpoint, load)
     samples_path = out_dir / f"{stem}.samples.csv"
     log = out_dir / f"{stem}.{'locust' if load.load_model == 'closed' else 'openloop'}.log"
@@ -75,7 +77,7 @@ def run_level(
     if load.load_model == "open":
         cmd, env = _open_loop_command(endpoint, load, payloads, samples_path, out_dir / f"{stem}.spec.json")
     else:
-        cmd, env = _locust_command(endpoint, load, payloads, samples_path, user_class)
+        cmd, env = _locust_command(endpoint, load, payloads, samples_path, user_class, processes)
     run_time = load.warmup_s + (sum(s for s, _ in load.profile) if load.profile else load.duration_s)
     started = dt.datetime.now(dt.UTC)
     proc = spawn(cmd, log=log, env=env, cpus=cpus)
@@ -92,6 +94,8 @@ def run_level(
                     cpu_peak = max(cpu_peak, busy)
     finally:
         code = stop_group(proc, grace_s=10)
+    if load.load_model == "closed":
+        _merge_parts(samples_path)
     if code != 0 or not samples_path.exists():
         raise LoadTestError(
             f"the load generator failed (exit {code}) for {stem}; last lines of {log}:\n{tail(log)}"
@@ -125,6 +129,21 @@ def run_level(
         ci_throughput_rps=throughput_ci(window),
         integrity=integrity,
     )
+
+
+def _merge_parts(samples_path: Path) -> None:
+    """One samples file from the per-process parts Locust's processes wrote."""
+    parts = sorted(samples_path.parent.glob(samples_path.name + ".part-*[0-9]"))
+    if not parts:
+        return
+    rows: list[str] = []
+    for part in parts:
+        lines = part.read_text().splitlines()
+        rows += lines[1:]
+    header = parts[0].read_text().splitlines()[0]
+    atomic_write_text(samples_path, "\n".join([header, *rows]) + "\n")
+    for part in parts:
+        part.unlink()
 
 
 GENERATOR_CPU_LIMIT = 90.0
@@ -163,7 +182,12 @@ def _integrity(window: Window, load: LoadSpec, cpu_peak: float, capacity_rps: fl
 
 
 def _locust_command(
-    endpoint: Endpoint, load: LoadSpec, payloads: Path, samples_path: Path, user_class: str
+    endpoint: Endpoint,
+    load: LoadSpec,
+    payloads: Path,
+    samples_path: Path,
+    user_class: str,
+    processes: int = 1,
 ) -> tuple[list[str], dict[str, str]]:
     run_time = load.warmup_s + load.duration_s
     cmd = [
@@ -189,6 +213,7 @@ def _locust_command(
         "0",
         "--loglevel",
         "WARNING",
+        *(["--processes", str(processes)] if processes > 1 else []),
     ]
     env = dict(
         os.environ,

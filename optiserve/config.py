@@ -67,6 +67,9 @@ class LoadConfig(Strict):
     """The p99 bound for the SLO search and for cost at the maximum throughput that meets it."""
     scenario_options: dict[str, Any] = Field(default_factory=dict)
     """Further settings of the chosen scenario (e.g. slo-search: max_rate, steps; spike: spike_rate)."""
+    locust_processes: int = Field(default=1, ge=1, le=64)
+    """Closed loop: Locust worker processes (``--processes``; a master and N workers) for more load
+    than one Python process can generate."""
     generator_cpus: tuple[int, ...] | None = None
     """CPUs the load generator is pinned to (default: see ``cpu_split``)."""
 

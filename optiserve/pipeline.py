@@ -274,6 +274,7 @@ def bench(config: ExperimentConfig, p: Plan, run_dir: Path, steps: Steps) -> lis
                     user_class=scenario.user_class or "ClosedLoopUser",
                     cpus=generator_cpus,
                     capacity_rps=capacity,
+                    processes=config.load.locust_processes,
                 )
                 write_model(run_dir / "bench" / f"{level_stem(endpoint, load)}.json", result)
                 results.append(result)

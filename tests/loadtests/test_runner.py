@@ -63,3 +63,15 @@ def test_run_level_counts_failed_requests(mlp_endpoint: Endpoint, tmp_path: Path
     assert result.n_errors == result.n_requests
     assert result.errors_by_kind == {"http-422": result.n_requests}
     assert result.throughput_rps == 0.0
+
+
+@pytest.mark.slow
+def test_locust_with_worker_processes_merges_every_process_samples(
+    mlp_endpoint: Endpoint, tmp_path: Path
+) -> None:
+    payloads = write_payloads(tmp_path / "payloads.jsonl", random_inputs(4), "input")
+    load = closed_loop(users=4, duration_s=3, warmup_s=1)
+    result = run_level(mlp_endpoint, load, payloads, tmp_path / "samples", processes=2)
+    assert result.n_errors == 0 and result.n_requests > 0
+    assert not list((tmp_path / "samples").glob("*.part-*"))  # merged into one file
+    assert len(read_samples(Path(result.samples_path))) > result.n_requests
