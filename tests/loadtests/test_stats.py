@@ -7,7 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from optiserve.loadtests.stats import latency_stats, measured_window, read_samples
+from optiserve.loadtests.stats import (
+    Samples,
+    Window,
+    bootstrap_percentile_ci,
+    latency_stats,
+    measured_window,
+    read_samples,
+    stability,
+    throughput_ci,
+)
 
 
 def write_samples(path: Path, rows: list[tuple[float, float, int, str]]) -> Path:
@@ -73,3 +82,44 @@ def test_latency_stats_percentiles_on_known_data() -> None:
 
 def test_latency_stats_of_nothing_is_none() -> None:
     assert latency_stats(np.array([])) is None
+
+
+def synthetic_window(
+    rates: list[float], p50s: list[float], seconds_each: float = 4.0, seed: int = 1
+) -> Window:
+    """Requests at the given rate and latency level in consecutive equal periods."""
+    rng = np.random.default_rng(seed)
+    starts, lats = [], []
+    t = 1000.0
+    for rate, p50 in zip(rates, p50s, strict=True):
+        n = int(rate * seconds_each)
+        starts.append(t + np.sort(rng.uniform(0, seconds_each, n)))
+        lats.append(rng.lognormal(np.log(p50), 0.05, n))
+        t += seconds_each
+    s = np.concatenate(starts)
+    lat = np.concatenate(lats)
+    samples = Samples(s, lat, np.ones(len(s), dtype=bool), [""] * len(s))
+    return Window(samples, seconds_each * len(rates))
+
+
+def test_bootstrap_interval_covers_the_true_percentile() -> None:
+    values = np.random.default_rng(0).lognormal(np.log(10), 0.3, 5000)
+    ci = bootstrap_percentile_ci(values, 99)
+    true_p99 = float(np.exp(np.log(10) + 0.3 * 2.3263))
+    assert ci is not None and ci.low < true_p99 < ci.high
+    assert ci.high - ci.low < 0.15 * true_p99
+    assert bootstrap_percentile_ci(values[:10], 50) is None  # too few to say
+
+
+def test_a_steady_level_is_stable_and_a_step_is_not() -> None:
+    assert stability(synthetic_window([100, 100, 100], [10, 10, 10]))[0] is True
+    assert stability(synthetic_window([100, 100, 160], [10, 10, 10]))[0] is False  # throughput jumped
+    assert stability(synthetic_window([100, 100, 100], [10, 10, 20]))[0] is False  # p99 doubled
+    assert stability(synthetic_window([2, 2, 2], [10, 10, 10]))[0] is None  # too few answers per third
+
+
+def test_throughput_interval_contains_the_rate() -> None:
+    window = synthetic_window([100] * 3, [10] * 3)
+    ci = throughput_ci(window)
+    assert ci is not None and ci.low <= window.throughput <= ci.high
+    assert ci.low > 90 and ci.high < 110
