@@ -8,9 +8,9 @@ the next level from the last result. ``from_load`` builds a scenario from the ex
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from optiserve.registry import Plugin
 from optiserve.types import BenchResult, LoadSpec
@@ -23,6 +23,31 @@ Drive = Callable[[LoadSpec], BenchResult]
 
 class ScenarioConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class OpenLoopSettings(ScenarioConfig):
+    """What every open-loop scenario shares."""
+
+    arrival: Literal["constant", "poisson"] = "poisson"
+    """Evenly spaced sends, or exponential gaps (a Poisson process) at the same mean rate."""
+    warmup_s: float = Field(default=2.0, ge=0)
+    max_in_flight: int = Field(default=256, ge=1)
+    """Connections the generator may open; a send with none free waits (and counts as late)."""
+
+    def level(
+        self, scenario: str, rate: float, duration_s: float, profile: tuple[tuple[float, float], ...] = ()
+    ) -> LoadSpec:
+        """One open-loop level at ``rate`` (the peak, with a profile)."""
+        return LoadSpec(
+            scenario=scenario,
+            load_model="open",
+            users=self.max_in_flight,
+            duration_s=duration_s,
+            warmup_s=self.warmup_s,
+            rate_rps=round(rate, 2),
+            arrival=self.arrival,
+            profile=profile,
+        )
 
 
 class Scenario(Plugin, base=True, package="optiserve.loadtests.scenarios"):

@@ -5,23 +5,20 @@ plot latency against the offered rate at each moment."""
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from pydantic import Field
 
 from optiserve.types import LoadSpec
 
-from .base import Scenario, ScenarioConfig
+from .base import OpenLoopSettings, Scenario
 
 
-class RampConfig(ScenarioConfig):
+class RampConfig(OpenLoopSettings):
     start_rate: float = Field(default=5.0, gt=0)
     peak_rate: float = Field(default=100.0, gt=0)
     steps: int = Field(default=5, ge=2, le=50)
     step_s: float = Field(default=4.0, gt=0)
-    arrival: Literal["constant", "poisson"] = "poisson"
-    warmup_s: float = Field(default=2.0, ge=0)
-    max_in_flight: int = Field(default=256, ge=1)
 
 
 class Ramp(Scenario):
@@ -36,15 +33,4 @@ class Ramp(Scenario):
         c = self.config
         step = (c.peak_rate - c.start_rate) / (c.steps - 1)
         profile = tuple((c.step_s, c.start_rate + k * step) for k in range(c.steps))
-        return [
-            LoadSpec(
-                scenario=self.name,
-                load_model="open",
-                users=c.max_in_flight,
-                duration_s=c.step_s * c.steps,
-                warmup_s=c.warmup_s,
-                rate_rps=c.peak_rate,
-                arrival=c.arrival,
-                profile=profile,
-            )
-        ]
+        return [c.level(self.name, c.peak_rate, c.step_s * c.steps, profile)]

@@ -3,26 +3,23 @@ scenario). A rate passes when p99 <= slo_ms, no request failed and the generator
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from pydantic import Field
 
 from optiserve.types import BenchResult, LoadSpec
 
-from .base import Drive, Scenario, ScenarioConfig
+from .base import Drive, OpenLoopSettings, Scenario
 
 
-class SloSearchConfig(ScenarioConfig):
+class SloSearchConfig(OpenLoopSettings):
     slo_ms: float = Field(default=100.0, gt=0)
     """The p99 latency bound."""
     min_rate: float = Field(default=1.0, gt=0)
     max_rate: float = Field(default=2000.0, gt=0)
     steps: int = Field(default=6, ge=1, le=20)
     """Search levels after the first: the bracket halves each time."""
-    arrival: Literal["constant", "poisson"] = "poisson"
     duration_s: float = Field(default=10.0, gt=0)
-    warmup_s: float = Field(default=2.0, ge=0)
-    max_in_flight: int = Field(default=256, ge=1)
 
 
 def meets_slo(result: BenchResult, slo_ms: float) -> bool:
@@ -41,16 +38,7 @@ class SloSearch(Scenario):
     config: SloSearchConfig
 
     def level(self, rate: float) -> LoadSpec:
-        c = self.config
-        return LoadSpec(
-            scenario=self.name,
-            load_model="open",
-            users=c.max_in_flight,
-            duration_s=c.duration_s,
-            warmup_s=c.warmup_s,
-            rate_rps=round(rate, 2),
-            arrival=c.arrival,
-        )
+        return self.config.level(self.name, rate, self.config.duration_s)
 
     def levels(self) -> list[LoadSpec]:
         return [self.level(self.config.min_rate)]

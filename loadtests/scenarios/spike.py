@@ -5,24 +5,21 @@ after the spike), which closed-loop load cannot show."""
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from pydantic import Field
 
 from optiserve.types import LoadSpec
 
-from .base import Scenario, ScenarioConfig
+from .base import OpenLoopSettings, Scenario
 
 
-class SpikeConfig(ScenarioConfig):
+class SpikeConfig(OpenLoopSettings):
     base_rate: float = Field(default=10.0, gt=0)
     spike_rate: float = Field(default=100.0, gt=0)
     before_s: float = Field(default=4.0, gt=0)
     spike_s: float = Field(default=2.0, gt=0)
     after_s: float = Field(default=6.0, gt=0)
-    arrival: Literal["constant", "poisson"] = "poisson"
-    warmup_s: float = Field(default=2.0, ge=0)
-    max_in_flight: int = Field(default=256, ge=1)
 
 
 class Spike(Scenario):
@@ -36,15 +33,4 @@ class Spike(Scenario):
     def levels(self) -> list[LoadSpec]:
         c = self.config
         profile = ((c.before_s, c.base_rate), (c.spike_s, c.spike_rate), (c.after_s, c.base_rate))
-        return [
-            LoadSpec(
-                scenario=self.name,
-                load_model="open",
-                users=c.max_in_flight,
-                duration_s=c.before_s + c.spike_s + c.after_s,
-                warmup_s=c.warmup_s,
-                rate_rps=c.spike_rate,
-                arrival=c.arrival,
-                profile=profile,
-            )
-        ]
+        return [c.level(self.name, c.spike_rate, c.before_s + c.spike_s + c.after_s, profile)]
