@@ -113,6 +113,7 @@ def _config(
     prometheus_url: str | None = None,
     scenario: str | None = None,
     rates: str | None = None,
+    preset: dict[str, Any] | None = None,
 ) -> ExperimentConfig:
     overrides: dict[str, Any] = {
         "load.scenario": scenario,
@@ -128,7 +129,19 @@ def _config(
         "eval.samples": eval_samples,
         "load.prometheus_url": prometheus_url,
     }
-    return with_overrides(load_config(path), overrides)
+    return with_overrides(with_overrides(load_config(path), preset or {}), overrides)
+
+
+QUICK: dict[str, Any] = {
+    "eval.samples": 32,
+    "eval.budget_s": 0.5,
+    "calibration.samples": 128,
+    "load.concurrency": [1, 4],
+    "load.duration_s": 4.0,
+    "load.warmup_s": 1.0,
+    "load.rates": [10.0, 40.0],
+}
+"""``run --quick``: what a smoke run trims (over the YAML; explicit flags still win)."""
 
 
 @app.command()
@@ -145,6 +158,10 @@ def run(
     input_shape: InputShapeOpt = None,
     scenario: ScenarioOpt = None,
     rate: RateOpt = None,
+    quick: Annotated[
+        bool,
+        typer.Option("--quick", help="Fewer samples and shorter load levels: a smoke run in minutes."),
+    ] = False,
     prometheus_url: PrometheusUrlOpt = None,
 ) -> None:
     """Optimize → evaluate → serve → load test → report, end to end.
@@ -167,6 +184,7 @@ def run(
         input_shape=input_shape,
         scenario=scenario,
         rates=rate,
+        preset=QUICK if quick else None,
         prometheus_url=prometheus_url,
     )
     steps = Steps()
@@ -188,12 +206,19 @@ def run(
         )
     results = pipeline.bench(cfg, served, run_dir, steps)
     report = build_report(
-        spec.name, {v.id: v for v in variants}, results, list(evaluations.values()), served.skipped
+        spec.name,
+        {v.id: v for v in variants},
+        results,
+        list(evaluations.values()),
+        served.skipped,
+        **_cost_options(cfg),
     )
-    json_path, md_path, _ = write_report(report, run_dir, {"command": " ".join(sys.argv)})
+    json_path, md_path, html_path = write_report(report, run_dir, {"command": " ".join(sys.argv)}, cfg)
     out.print(render_table(report))
     _print_skipped(served.skipped)
-    out.print(f"Report: {md_path}  (and {json_path.name}; raw samples in {run_dir / 'samples'})")
+    out.print(
+        f"Report: {md_path}  (and {json_path.name}, {html_path.name}; raw samples in {run_dir / 'samples'})"
+    )
 
 
 @app.command()
@@ -374,8 +399,10 @@ def bench(
     evaluations = [ev for key, ev in pipeline.stored_evaluations(cfg, p.variants).items() if key in served]
     for ev in evaluations:
         write_model(run_dir / "eval" / f"{ev.variant_id}.{ev.runtime}.json", ev)
-    report = build_report(p.spec.name, {v.id: v for v in p.variants}, results, evaluations, p.skipped)
-    _, md_path, _ = write_report(report, run_dir, {"command": " ".join(sys.argv)})
+    report = build_report(
+        p.spec.name, {v.id: v for v in p.variants}, results, evaluations, p.skipped, **_cost_options(cfg)
+    )
+    _, md_path, _ = write_report(report, run_dir, {"command": " ".join(sys.argv)}, cfg)
     out.print(render_table(report))
     out.print(f"Report: {md_path}")
 
@@ -465,7 +492,7 @@ def report(
     ] = None,
     workdir: WorkdirOpt = None,
 ) -> None:
-    """Rebuild report.json and report.md from a run's result files, and print the table.
+    """Rebuild report.json, report.md and report.html from a run's result files, and print the table.
 
     Example: [bold]optiserve report optiserve-work/results/20261125-120000[/]
     """
@@ -566,6 +593,18 @@ def _existing_plan(cfg: ExperimentConfig, variant_ids: list[str] | None) -> Any:
             "no variant can be served by an available runtime", hint="see `optiserve doctor`"
         )
     return p
+
+
+def _cost_options(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What the report prices: the experiment's instance, SLO, offered load and price table."""
+    from optiserve.cost import load_prices
+
+    return {
+        "instance": cfg.cost.instance,
+        "slo_ms": cfg.load.slo_ms,
+        "offered_rps": cfg.cost.offered_rps,
+        "prices": load_prices(cfg.cost.prices),
+    }
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -189,15 +189,15 @@ def run_comparison(
         endpoints = []
         for side in sides:  # two servers even for an A/A test of one variant
             advance(0, description=f"Starting {side.label}")
-            spec = service_spec(config, variants[side.variant_id], side.runtime)
-            endpoints.append(deployment.start(spec, cpus=server_cpus))
+            served = service_spec(config, variants[side.variant_id], side.runtime)
+            endpoints.append(deployment.start(served, cpus=server_cpus))
             advance(1)
         for i in range(repeats):
             got: list[BenchResult | None] = [None, None]
             for k in (0, 1) if i % 2 == 0 else (1, 0):
                 advance(0, description=f"repeat {i + 1}/{repeats}: {'AB'[k]} = {sides[k].label}")
                 stem = f"{level_stem(endpoints[k], level)}.{'ab'[k]}{i + 1}"
-                got[k] = run_level(
+                result = run_level(
                     endpoints[k],
                     level,
                     payloads,
@@ -206,7 +206,8 @@ def run_comparison(
                     cpus=generator_cpus,
                     stem=stem,
                 )
-                write_model(run_dir / "bench" / f"{stem}.json", got[k])
+                write_model(run_dir / "bench" / f"{stem}.json", result)
+                got[k] = result
                 advance(1)
             assert got[0] is not None and got[1] is not None
             pairs.append((got[0], got[1]))

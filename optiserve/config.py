@@ -94,6 +94,15 @@ class CalibrationConfig(Strict):
     """An .npy file of preprocessed samples, instead of the model's own calibration split."""
 
 
+class CostConfig(Strict):
+    instance: str | None = None
+    """Instance type to price (default: the CPU-only one with as many vCPUs as the benchmark machine)."""
+    offered_rps: float | None = Field(default=None, gt=0)
+    """Also price serving this many requests/s (replicas = ceil(offered ÷ max throughput at the SLO))."""
+    prices: Path | None = None
+    """A YAML price table that replaces or adds instance types (see optiserve/data/prices.yaml)."""
+
+
 class ExperimentConfig(Strict):
     model: ModelConfig = ModelConfig()
     workdir: Path = Path("optiserve-work")
@@ -104,6 +113,7 @@ class ExperimentConfig(Strict):
     load: LoadConfig = LoadConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     eval: EvalConfig = EvalConfig()
+    cost: CostConfig = CostConfig()
 
 
 def _describe(error: Any, model: type[BaseModel]) -> str:

@@ -1,17 +1,23 @@
-"""The report: a pure function of results, written as report.json and report.md, shown as a Rich table."""
+"""The report: a pure function of results, written as report.json, report.md and a self-contained
+report.html, shown as a Rich table."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.markup import escape
 from rich.table import Table
 
+from optiserve.cost import PriceTable, describe, estimate_costs, load_prices
 from optiserve.fsutil import atomic_write_text
 from optiserve.pipeline import Plan
-from optiserve.types import BenchResult, Evaluation, Report, ReportRow, Variant
+from optiserve.types import BenchResult, CostEstimate, Evaluation, Report, ReportRow, Variant
+
+if TYPE_CHECKING:
+    from optiserve.config import ExperimentConfig
 
 
 def build_report(
@@ -20,7 +26,20 @@ def build_report(
     results: list[BenchResult],
     evaluations: list[Evaluation],
     skipped: dict[str, str] | None = None,
+    *,
+    instance: str | None = None,
+    slo_ms: float = 100.0,
+    offered_rps: float | None = None,
+    prices: PriceTable | None = None,
 ) -> Report:
+    """One row per variant × runtime, with its cost per 1M inferences on ``instance``.
+
+    ``instance`` defaults to a CPU instance with as many vCPUs as the benchmark machine had (see
+    :meth:`PriceTable.default_instance`); ``prices`` to the packaged table.
+    """
+    prices = prices if prices is not None else load_prices(None)
+    if instance is None:
+        instance = prices.default_instance(results[0].machine.logical_cpus if results else None)
     evals = {(e.variant_id, e.runtime): e for e in evaluations}
     keys: list[tuple[str, str]] = []
     for key in [*evals, *((r.variant_id, r.runtime) for r in results)]:
@@ -40,6 +59,7 @@ def build_report(
                 size_bytes=variant.size_bytes if variant else 0,
                 accuracy=evals.get((vid, runtime)),
                 results=tuple(mine),
+                costs=estimate_costs(mine, prices, instance, slo_ms, offered_rps),
             )
         )
     return Report(
@@ -105,6 +125,7 @@ def render_table(report: Report) -> Table:
         table.add_column(
             f"{users} user{'s' if users > 1 else ''}: p50/p99 ms · req/s · errors", justify="right"
         )
+    table.add_column("cost per 1M inferences", overflow="fold")
     for row in report.rows:
         cells: list[str] = [
             row.variant_id,
@@ -116,8 +137,14 @@ def render_table(report: Report) -> Table:
         for users in levels:
             lat, rps, errs = _cells(row, users)
             cells.append(f"{lat} · {rps} · {errs}")
+        cells.append(escape(_costs(row.costs)))
         table.add_row(*cells)
     return table
+
+
+def _costs(costs: tuple[CostEstimate, ...], sep: str = "\n") -> str:
+    """Every estimate of a row, or why there is none."""
+    return sep.join(describe(c) for c in costs) if costs else "– (no level met the p99 SLO without errors)"
 
 
 def render_markdown(report: Report) -> str:
@@ -125,6 +152,7 @@ def render_markdown(report: Report) -> str:
     head = ["variant", "runtime", "precision", "size", "accuracy vs FP32"]
     for users in levels:
         head += [f"c={users} p50 / p99 (ms)", f"c={users} req/s", f"c={users} errors"]
+    head.append("cost per 1M inferences")
     lines = [
         f"# optiserve report: {report.model}",
         "",
@@ -145,7 +173,14 @@ def render_markdown(report: Report) -> str:
         ]
         for users in levels:
             cells.extend(_cells(row, users))
+        cells.append(_costs(row.costs, "<br>"))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Cost per 1M inferences = price per hour × replicas ÷ (throughput × 3600) × 10⁶, from the highest "
+        "measured throughput whose p99 met the SLO with no errors, and on-demand list prices from "
+        "`optiserve/data/prices.yaml` (check them against the provider's current prices).",
+    ]
     sample_counts = [r for row in report.rows for r in row.results]
     if sample_counts:
         machine = sample_counts[0].machine
@@ -163,11 +198,27 @@ def render_markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: Report, out_dir: Path) -> tuple[Path, Path]:
-    json_path, md_path = out_dir / "report.json", out_dir / "report.md"
+def write_report(
+    report: Report,
+    out_dir: Path,
+    context: dict[str, str] | None = None,
+    config: ExperimentConfig | None = None,
+) -> tuple[Path, Path, Path]:
+    """report.json, report.md and report.html in ``out_dir``.
+
+    ``context`` (e.g. the command line) goes into the HTML's reproducibility block, with the CPU pinning
+    the run used when its ``config`` is given. Raw samples are looked up under ``out_dir`` when moved.
+    """
+    from optiserve.report_html import cpu_pinning, render_html
+
+    context = dict(context or {})
+    if config is not None and "cpu_pinning" not in context:
+        context["cpu_pinning"] = cpu_pinning(config)
+    json_path, md_path, html_path = out_dir / "report.json", out_dir / "report.md", out_dir / "report.html"
     atomic_write_text(json_path, json.dumps(report.model_dump(mode="json"), indent=2) + "\n")
     atomic_write_text(md_path, render_markdown(report))
-    return json_path, md_path
+    atomic_write_text(html_path, render_html(report, out_dir, context))
+    return json_path, md_path, html_path
 
 
 def _status(ev: Evaluation | None) -> str:

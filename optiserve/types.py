@@ -315,6 +315,27 @@ class BenchResult(Frozen):
     server: ServerSideStats | None = None
 
 
+CostBasis = Literal["max-throughput-at-slo", "offered-load"]
+
+
+class CostEstimate(Frozen):
+    """What a million inferences cost on one instance type, from measured throughput (see optiserve.cost).
+
+    ``max-throughput-at-slo``: one replica run at the highest measured throughput whose p99 met ``slo_ms``
+    with no errors. ``offered-load``: enough replicas (each at that throughput) to serve ``offered_rps``,
+    paid for whether or not they are busy.
+    """
+
+    instance: str
+    price_per_hour: float
+    replicas: int = Field(ge=1)
+    basis: CostBasis
+    throughput_rps: float = Field(description="per replica: the highest throughput that met the SLO")
+    slo_ms: float
+    offered_rps: float | None = None
+    usd_per_million: float
+
+
 class ReportRow(Frozen):
     variant_id: str
     runtime: str
@@ -322,6 +343,7 @@ class ReportRow(Frozen):
     size_bytes: int
     accuracy: Evaluation | None
     results: tuple[BenchResult, ...]
+    costs: tuple[CostEstimate, ...] = ()
 
 
 class Report(Frozen):
