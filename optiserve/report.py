@@ -14,7 +14,7 @@ from rich.table import Table
 from optiserve.cost import PriceTable, describe, estimate_costs, load_prices
 from optiserve.fsutil import atomic_write_text
 from optiserve.pipeline import Plan
-from optiserve.types import BenchResult, CostEstimate, Evaluation, Report, ReportRow, Variant
+from optiserve.types import BenchResult, CostEstimate, Evaluation, Interval, Report, ReportRow, Variant
 
 if TYPE_CHECKING:
     from optiserve.config import ExperimentConfig
@@ -47,9 +47,7 @@ def build_report(
             keys.append(key)
     rows = []
     for vid, runtime in keys:
-        mine = sorted(
-            (r for r in results if (r.variant_id, r.runtime) == (vid, runtime)), key=lambda r: r.load.users
-        )
+        mine = sorted((r for r in results if (r.variant_id, r.runtime) == (vid, runtime)), key=level_key)
         variant = variants.get(vid)
         rows.append(
             ReportRow(
@@ -67,8 +65,26 @@ def build_report(
     )
 
 
-def concurrencies(report: Report) -> list[int]:
-    return sorted({r.load.users for row in report.rows for r in row.results})
+LevelKey = tuple[int, float]
+
+
+def level_key(result: BenchResult) -> LevelKey:
+    """Closed-loop levels by users, then open-loop levels by offered rate."""
+    load = result.load
+    return (0, float(load.users)) if load.load_model == "closed" else (1, float(load.rate_rps or 0.0))
+
+
+def level_label(key: LevelKey, short: bool = False) -> str:
+    kind, value = key
+    if kind == 0:
+        n = int(value)
+        return f"c={n}" if short else f"{n} user{'s' if n > 1 else ''}"
+    return f"{value:g} req/s"
+
+
+def concurrencies(report: Report) -> list[LevelKey]:
+    """The report's columns: every load level some variant ran (closed by users, open by rate)."""
+    return sorted({level_key(r) for row in report.rows for r in row.results})
 
 
 _METRIC_NAMES = {
@@ -98,8 +114,8 @@ def _gated_accuracy(ev: Evaluation | None) -> str:
     return f"{text} — rejected" if ev is not None and not ev.passed else text
 
 
-def _cells(row: ReportRow, users: int) -> tuple[str, str, str]:
-    r = next((r for r in row.results if r.load.users == users), None)
+def _cells(row: ReportRow, key: LevelKey) -> tuple[str, str, str]:
+    r = next((r for r in row.results if level_key(r) == key), None)
     if r is None:
         return "–", "–", "–"
     lat = f"{r.latency_ms.p50:.1f} / {r.latency_ms.p99:.1f}" if r.latency_ms else "–"
@@ -114,17 +130,15 @@ def _mb(n: int) -> str:
 
 
 def render_table(report: Report) -> Table:
-    table = Table(title=f"optiserve: {report.model} — closed loop over HTTP, warm-up excluded")
+    table = Table(title=f"optiserve: {report.model} — {_load_words(report)}, warm-up excluded")
     table.add_column("variant", no_wrap=True)
     table.add_column("runtime", no_wrap=True)
     table.add_column("prec")
     table.add_column("size", justify="right")
     table.add_column("accuracy vs FP32", justify="right")
     levels = concurrencies(report)
-    for users in levels:
-        table.add_column(
-            f"{users} user{'s' if users > 1 else ''}: p50/p99 ms · req/s · errors", justify="right"
-        )
+    for key in levels:
+        table.add_column(f"{level_label(key)}: p50/p99 ms · req/s · errors", justify="right")
     table.add_column("cost per 1M inferences", overflow="fold")
     for row in report.rows:
         cells: list[str] = [
@@ -134,8 +148,8 @@ def render_table(report: Report) -> Table:
             _mb(row.size_bytes),
             _gated_accuracy(row.accuracy),
         ]
-        for users in levels:
-            lat, rps, errs = _cells(row, users)
+        for key in levels:
+            lat, rps, errs = _cells(row, key)
             cells.append(f"{lat} · {rps} · {errs}")
         cells.append(escape(_costs(row.costs)))
         table.add_row(*cells)
@@ -150,15 +164,16 @@ def _costs(costs: tuple[CostEstimate, ...], sep: str = "\n") -> str:
 def render_markdown(report: Report) -> str:
     levels = concurrencies(report)
     head = ["variant", "runtime", "precision", "size", "accuracy vs FP32"]
-    for users in levels:
-        head += [f"c={users} p50 / p99 (ms)", f"c={users} req/s", f"c={users} errors"]
+    for key in levels:
+        label = level_label(key, short=True)
+        head += [f"{label} p50 / p99 (ms)", f"{label} req/s", f"{label} errors"]
     head.append("cost per 1M inferences")
     lines = [
         f"# optiserve report: {report.model}",
         "",
-        f"Created {report.created_at:%Y-%m-%d %H:%M:%S} UTC. Load: closed loop (N concurrent users, no think "
-        "time) over HTTP against one local `bentoml serve` process per variant; warm-up excluded. Accuracy: "
-        "in-process, against the FP32 source model on held-out inputs.",
+        f"Created {report.created_at:%Y-%m-%d %H:%M:%S} UTC. Load: {_load_words(report)} over HTTP (Open "
+        "Inference Protocol, binary tensors) against one local `bentoml serve` process per variant; warm-up "
+        "excluded. Accuracy: in-process, against the FP32 source model on held-out inputs.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -171,8 +186,8 @@ def render_markdown(report: Report) -> str:
             _mb(row.size_bytes),
             _gated_accuracy(row.accuracy),
         ]
-        for users in levels:
-            cells.extend(_cells(row, users))
+        for key in levels:
+            cells.extend(_cells(row, key))
         cells.append(_costs(row.costs, "<br>"))
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
@@ -192,10 +207,57 @@ def render_markdown(report: Report) -> str:
             "",
             "Each latency figure is over the requests measured after warm-up; counts are in `report.json`.",
         ]
+    lines += _integrity_section(report)
     if report.skipped:
         lines += ["", "## Skipped", ""]
         lines += [f"- **{what}**: {why}" for what, why in report.skipped.items()]
     return "\n".join(lines) + "\n"
+
+
+def _load_words(report: Report) -> str:
+    models = {r.load.load_model for row in report.rows for r in row.results}
+    if models == {"open"}:
+        return "open loop (requests sent on a schedule; latency from the scheduled send)"
+    if models == {"closed"}:
+        return "closed loop (N concurrent users, no think time)"
+    return "closed and open loops"
+
+
+def _ci(value: float, interval: Interval | None) -> str:
+    return f"{value:.1f} [{interval.low:.1f}, {interval.high:.1f}]" if interval else f"{value:.1f}"
+
+
+def _integrity_section(report: Report) -> list[str]:
+    """Every level with its sample count, 95% intervals, server-side figures and integrity flags."""
+    results = [r for row in report.rows for r in row.results]
+    if not results:
+        return []
+    lines = [
+        "",
+        "## Every level",
+        "",
+        "95% bootstrap intervals in brackets; *stable*: throughput and p99 within 10% across the level's "
+        "thirds; server-side figures from the service's own histograms.",
+        "",
+        "| variant | runtime | level | n | p50 ms | p99 ms | req/s | stable | server p50 / p99 ms | flags |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lat = r.latency_ms
+        server = r.server
+        srv = (
+            f"{server.p50_ms:.1f} / {server.p99_ms:.1f} ({server.source})"
+            if server and server.p50_ms is not None and server.p99_ms is not None
+            else "–"
+        )
+        stable = {True: "yes", False: "**no**", None: "–"}[r.integrity.stable]
+        lines.append(
+            f"| `{r.variant_id}` | {r.runtime} | {level_label(level_key(r))} | {lat.n if lat else 0} | "
+            f"{_ci(lat.p50, r.ci_p50_ms) if lat else '–'} | {_ci(lat.p99, r.ci_p99_ms) if lat else '–'} | "
+            f"{_ci(r.throughput_rps, r.ci_throughput_rps)} | {stable} | {srv} | "
+            f"{'; '.join(r.integrity.flags) or '–'} |"
+        )
+    return lines
 
 
 def write_report(
