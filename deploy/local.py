@@ -55,6 +55,9 @@ class LocalDeployment:
         env = dict(
             os.environ,
             OPTISERVE_SERVICE_SPEC=str(spec_path.resolve()),
+            # Each server its own BentoML home: a starting server empties its home's Prometheus
+            # multiprocess folder, which would wipe the metrics of every other server sharing it.
+            BENTOML_HOME=str((run_dir / "bentoml-home").resolve()),
             BENTOML_DO_NOT_TRACK="true",
             PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
         )

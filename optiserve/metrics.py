@@ -12,6 +12,7 @@ accurate to a few percent there.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -180,6 +181,21 @@ def quantile_query(metric: MetricDef, q: float, window: str = "1m", **labels: st
     return (
         f"histogram_quantile({q}, sum by ({keep}) (rate({metric.name}_bucket{selector(**labels)}[{window}])))"
     )
+
+
+def series_selector(names: Sequence[str], labels: Mapping[str, str]) -> str:
+    """A PromQL selector of several series names with the same labels, e.g.
+    ``{__name__=~"a|b",variant="x"}`` (names are matched exactly: they contain no regex syntax)."""
+    matchers = [f'__name__=~"{"|".join(names)}"', *(f'{k}="{v}"' for k, v in sorted(labels.items()))]
+    return "{" + ",".join(matchers) + "}"
+
+
+def counter_series(metric: MetricDef) -> tuple[str, ...]:
+    """The cumulative sample names of a metric: ``_total`` of a counter; ``_bucket``, ``_sum`` and
+    ``_count`` of a histogram (what a window's growth is computed from); none for a gauge."""
+    if metric.kind == "histogram":
+        return (f"{metric.name}_bucket", f"{metric.name}_sum", f"{metric.name}_count")
+    return (metric.series,) if metric.kind == "counter" else ()
 
 
 class ServiceMetrics:

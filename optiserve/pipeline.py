@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from optiserve.config import ExperimentConfig, OptimizerEntry
 from optiserve.errors import ConfigError, OptiserveError, PluginUnavailable
+from optiserve.fsutil import atomic_write_text
 from optiserve.manifest import list_variants, read_model, variant_dir, write_model
 from optiserve.progress import Steps
 
@@ -234,6 +235,7 @@ def bench(config: ExperimentConfig, p: Plan, run_dir: Path, steps: Steps) -> lis
     from optiserve.deploy.local import LocalDeployment
     from optiserve.loadtests.runner import generator_capacity, level_stem, run_level, write_payloads
     from optiserve.models.resolve import dataset
+    from optiserve.prometheus import measurement_source, result_window, server_side_stats
 
     scenario = scenario_from_config(config)
     scenario.require_available()
@@ -255,12 +257,16 @@ def bench(config: ExperimentConfig, p: Plan, run_dir: Path, steps: Steps) -> lis
     total = len(p.pairs) * (planned + 1)
     with (
         steps.task("Serving and load testing", total=total) as advance,
+        # Stopped after the servers (the with block unwinds in reverse).
+        measurement_source(config.load.prometheus_url, run_dir, cpus=generator_cpus) as source,
         LocalDeployment(config.workdir, ready_timeout_s=config.serving.ready_timeout_s) as deployment,
     ):
+        atomic_write_text(run_dir / "measurement.txt", source.description + "\n")
         for variant, runtime in p.pairs:
             name = f"{variant.id}.{runtime}"
             advance(0, description=f"Starting {name}")
             endpoint = deployment.start(service_spec(config, variant, runtime), cpus=server_cpus)
+            source.add_target(endpoint)
             advance(1)
 
             def drive(load: LoadSpec, endpoint: Endpoint = endpoint, name: str = name) -> BenchResult:
@@ -276,6 +282,8 @@ def bench(config: ExperimentConfig, p: Plan, run_dir: Path, steps: Steps) -> lis
                     capacity_rps=capacity,
                     processes=config.load.locust_processes,
                 )
+                server = server_side_stats(source, endpoint, *result_window(result), idle_after=True)
+                result = result.model_copy(update={"server": server})
                 write_model(run_dir / "bench" / f"{level_stem(endpoint, load)}.json", result)
                 results.append(result)
                 advance(1)

@@ -276,9 +276,17 @@ def write_report(
     context = dict(context or {})
     if config is not None and "cpu_pinning" not in context:
         context["cpu_pinning"] = cpu_pinning(config)
+    measurement = (
+        out_dir / "measurement.txt"
+    )  # written by the bench stage: where server-side figures came from
+    if measurement.is_file() and "server-side figures" not in context:
+        context["server-side figures"] = measurement.read_text().strip()
     json_path, md_path, html_path = out_dir / "report.json", out_dir / "report.md", out_dir / "report.html"
     atomic_write_text(json_path, json.dumps(report.model_dump(mode="json"), indent=2) + "\n")
-    atomic_write_text(md_path, render_markdown(report))
+    md = render_markdown(report)
+    if "server-side figures" in context:
+        md += f"\nServer-side figures: {context['server-side figures']}.\n"
+    atomic_write_text(md_path, md)
     atomic_write_text(html_path, render_html(report, out_dir, context))
     return json_path, md_path, html_path
 
