@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
 
 from optiserve.errors import ConfigError
-from optiserve.types import BatchingSpec, DType, ThreadSpec
+from optiserve.types import BatchingSpec, DType, ServingLimits, ThreadSpec
 
 
 class Strict(BaseModel):
@@ -46,6 +46,11 @@ class ServingConfig(Strict):
     """Also serve variants that failed the accuracy gate (they are never served silently)."""
     cpus: tuple[int, ...] | None = None
     """CPUs each server is pinned to (default: see ``cpu_split``); disjoint from the generator's."""
+    limits: ServingLimits = ServingLimits()
+    runtime_options: dict[str, dict[str, str | int | float | bool]] = Field(default_factory=dict)
+    """Per runtime name, e.g. ``{"torch-eager": {"compile": true}, "openvino": {"device": "GPU"}}``."""
+    access_log: bool = False
+    tracing: bool = False
 
 
 class LoadConfig(Strict):

@@ -329,6 +329,10 @@ def service_spec(
         runtime=runtime,
         batching=batching,
         threads=config.serving.threads,
+        limits=config.serving.limits,
+        runtime_options=config.serving.runtime_options.get(runtime, {}),
+        access_log=config.serving.access_log,
+        tracing=config.serving.tracing,
         port=port,
     )
 
