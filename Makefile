@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 TORCH  := torch==2.13.0
 RUN_EXTRAS  := models,text,onnx,openvino,serve,load
-TEST_EXTRAS := $(RUN_EXTRAS),dev
+TEST_EXTRAS := $(RUN_EXTRAS),dev,deploy
 ARGS ?=
 PYTEST_ARGS ?= -q
 

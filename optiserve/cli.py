@@ -558,6 +558,115 @@ def models() -> None:
     out.print("Also: --model path/to/model.onnx, or --model package.module:factory --input-shape 3,224,224")
 
 
+@app.command()
+def deploy(
+    config: ConfigArg = None,
+    model: ModelOpt = None,
+    workdir: WorkdirOpt = None,
+    runtime: RuntimeOpt = None,
+    input_shape: InputShapeOpt = None,
+    variant: Annotated[
+        list[str] | None,
+        typer.Option("--variant", "-v", help="Variant ids (default: all that passed the gate)."),
+    ] = None,
+    image_repository: Annotated[
+        str,
+        typer.Option(
+            "--image-repository", help="Registry prefix of the Bento images: <repo>/<variant id>:<runtime>."
+        ),
+    ] = "",
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            "--weights", help="A/B traffic split, summing to 100: id=90,id2=10 (id@runtime if needed)."
+        ),
+    ] = None,
+    namespace: Annotated[str, typer.Option("--namespace", "-n", help="Kubernetes namespace.")] = "default",
+    release: Annotated[str, typer.Option("--release", help="Helm release name.")] = "optiserve",
+    render_dir: Annotated[
+        Path | None,
+        typer.Option("--render", help="Write one manifest per object into this folder (no cluster needed)."),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="helm upgrade --install --dry-run=server: validate, change nothing."),
+    ] = False,
+    wait_timeout: Annotated[
+        float, typer.Option("--wait-timeout", help="Seconds to wait for every Deployment to be ready.")
+    ] = 600,
+    set_values: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Chart value KEY=VALUE (repeatable): --set monitoring.enabled=true."),
+    ] = None,
+) -> None:
+    """Deploy servable variants to Kubernetes with the helm/optiserve chart: one Deployment + Service
+    each, from the Bento images of `optiserve build --containerize`. The values it renders are written
+    to <workdir>/deploy/values.yaml; --render DIR writes the manifests without a cluster.
+
+    Example: [bold]optiserve deploy -m efficientnet-lite0 --image-repository registry.example.com/ml[/]
+    """
+    from optiserve import k8s, pipeline
+
+    cfg = _config(config, model=model, workdir=workdir, runtimes=runtime, input_shape=input_shape)
+    p = _existing_plan(cfg, variant)
+    specs = [pipeline.service_spec(cfg, v, rt) for v, rt in p.pairs]
+    values = k8s.build_values(
+        specs,
+        repository=image_repository,
+        weights=k8s.parse_weights(weights),
+        payloads=_loadgen_payloads(cfg, p.spec),
+        baked={(s.variant.id, s.runtime): k8s.baked_spec(s) for s in specs},
+    )
+    k8s.apply_sets(values, set_values or [])
+    values_path = k8s.write_values(values, cfg.workdir / "deploy" / "values.yaml")
+    target = k8s.Target(release=release, namespace=namespace)
+    if render_dir is not None:
+        objects = k8s.render(values_path, target)
+        paths = k8s.write_manifests(objects, render_dir)
+        out.print(f"Rendered {len(paths)} objects into {render_dir} (values: {values_path})")
+        return
+    k8s.require_cluster()
+    with Steps().task(f"helm upgrade --install {release}{' (dry run)' if dry_run else ''}"):
+        k8s.install(values_path, target, dry_run=dry_run, wait_timeout_s=wait_timeout)
+    table = Table(title=f"Deployed to namespace {namespace}{' (dry run)' if dry_run else ''}")
+    for col in ("variant", "runtime", "in-cluster URL"):
+        table.add_column(col)
+    for ep in k8s.endpoints(k8s.render(values_path, target), namespace):
+        table.add_row(ep.variant_id, ep.runtime, ep.url)
+    out.print(table)
+    out.print(f"Values: {values_path}")
+
+
+@app.command()
+def undeploy(
+    release: Annotated[str, typer.Option("--release", help="Helm release name.")] = "optiserve",
+    namespace: Annotated[str, typer.Option("--namespace", "-n", help="Kubernetes namespace.")] = "default",
+) -> None:
+    """Remove a release that `optiserve deploy` installed (helm uninstall).
+
+    Example: [bold]optiserve undeploy --release optiserve --namespace ml[/]
+    """
+    from optiserve import k8s
+
+    k8s.require_cluster()
+    k8s.uninstall(k8s.Target(release=release, namespace=namespace))
+    out.print(f"Uninstalled {release} from namespace {namespace}")
+
+
+def _loadgen_payloads(cfg: ExperimentConfig, spec: Any, samples: int = 8) -> str:
+    """OIP requests for the chart's in-cluster load generator: the samples `optiserve bench` sends."""
+    import tempfile
+
+    from optiserve.k8s import loadgen_payloads
+    from optiserve.loadtests.runner import write_payloads
+    from optiserve.models.resolve import dataset
+
+    inputs, _ = dataset(spec, "eval", samples)
+    with tempfile.TemporaryDirectory(prefix="optiserve-payloads.") as tmp:
+        path = write_payloads(Path(tmp) / "payloads.jsonl", inputs, spec.inputs[0].name, limit=samples)
+        return loadgen_payloads(path.read_text().splitlines())
+
+
 def _check_plugins(cfg: ExperimentConfig) -> None:
     """Unknown optimizer/runtime/scenario names are config errors, caught before any work."""
     from optiserve.loadtests.scenarios.base import Scenario

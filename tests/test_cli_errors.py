@@ -24,7 +24,7 @@ BAD_INPUTS = [
         {"c.yaml": "load: {concurency: [1]}\n"},
         ["c.yaml"],
         2,
-        "allowed here: concurrency",
+        "allowed here: arrival, concurrency",
     ),
     ("wrong-type", {"c.yaml": "load: {duration_s: fast}\n"}, ["c.yaml"], 2, "load.duration_s"),
     ("not-yaml", {"c.yaml": "load: [1\n"}, ["c.yaml"], 2, "not valid YAML"),
