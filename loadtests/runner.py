@@ -100,14 +100,24 @@ def run_level(
         raise LoadTestError(
             f"the load generator failed (exit {code}) for {stem}; last lines of {log}:\n{tail(log)}"
         )
+    return result_from_samples(endpoint, load, samples_path, started, cpu_peak, capacity_rps)
+
+
+def result_from_samples(
+    endpoint: Endpoint,
+    load: LoadSpec,
+    samples_path: Path,
+    started: dt.datetime,
+    cpu_peak: float = 0.0,
+    capacity_rps: float | None = None,
+) -> BenchResult:
+    """A level's raw samples → its BenchResult: the measured window, percentiles with 95% intervals,
+    throughput and the integrity checks (also for samples collected from an in-cluster load test)."""
     window = measured_window(read_samples(samples_path), load.warmup_s)
     n = len(window.samples)
     if n == 0:
-        raise LoadTestError(
-            f"no request finished after the {load.warmup_s:.0f}s warm-up for {stem}; see {log}"
-        )
+        raise LoadTestError(f"no request finished after the {load.warmup_s:.0f}s warm-up in {samples_path}")
     ok_latency = window.samples.latency_ms[window.samples.ok]
-    integrity = _integrity(window, load, cpu_peak, capacity_rps)
     return BenchResult(
         variant_id=endpoint.service.variant.id,
         runtime=endpoint.service.runtime,
@@ -127,7 +137,7 @@ def run_level(
         ci_p50_ms=bootstrap_percentile_ci(ok_latency, 50),
         ci_p99_ms=bootstrap_percentile_ci(ok_latency, 99),
         ci_throughput_rps=throughput_ci(window),
-        integrity=integrity,
+        integrity=_integrity(window, load, cpu_peak, capacity_rps),
     )
 
 

@@ -367,6 +367,16 @@ def bench(
     ] = None,
     scenario: ScenarioOpt = None,
     rate: RateOpt = None,
+    in_cluster: Annotated[
+        bool,
+        typer.Option(
+            "--in-cluster", help="Collect the chart's in-cluster Locust run (deploy with loadgen.enabled)."
+        ),
+    ] = False,
+    namespace: Annotated[str, typer.Option("--namespace", "-n", help="With --in-cluster.")] = "default",
+    release: Annotated[
+        str, typer.Option("--release", help="With --in-cluster: the Helm release.")
+    ] = "optiserve",
     prometheus_url: PrometheusUrlOpt = None,
 ) -> None:
     """Load-test variants that already exist (serve each, drive it with Locust) and write a report.
@@ -391,9 +401,16 @@ def bench(
         prometheus_url=prometheus_url,
     )
     p = _existing_plan(cfg, variant)
+    if in_cluster:  # before anything is written
+        from optiserve.k8s import require_cluster
+
+        require_cluster()
     run_dir = pipeline.new_run_dir(cfg.workdir)
     _write_json(run_dir / "skipped.json", p.skipped)
-    results = pipeline.bench(cfg, p, run_dir, Steps())
+    if in_cluster:
+        results = [_in_cluster_result(cfg, p, run_dir, release, namespace)]
+    else:
+        results = pipeline.bench(cfg, p, run_dir, Steps())
     # The accuracy figures are the latest ones `optimize`/`run` wrote beside each benchmarked variant.
     served = {(v.id, rt) for v, rt in p.pairs}
     evaluations = [ev for key, ev in pipeline.stored_evaluations(cfg, p.variants).items() if key in served]
@@ -702,6 +719,41 @@ def _existing_plan(cfg: ExperimentConfig, variant_ids: list[str] | None) -> Any:
             "no variant can be served by an available runtime", hint="see `optiserve doctor`"
         )
     return p
+
+
+def _in_cluster_result(cfg: ExperimentConfig, p: Any, run_dir: Path, release: str, namespace: str) -> Any:
+    """The chart's in-cluster Locust run as a BenchResult: workers' samples read with kubectl."""
+    import yaml
+
+    from optiserve import pipeline
+    from optiserve.incluster import collect, started_at
+    from optiserve.k8s import require_cluster
+    from optiserve.loadtests.runner import result_from_samples
+    from optiserve.types import Endpoint, LoadSpec
+
+    require_cluster()
+    samples = run_dir / "samples" / "in-cluster.samples.csv"
+    samples.parent.mkdir(parents=True, exist_ok=True)
+    with Steps().task(f"Waiting for the in-cluster load test of {release} in {namespace}"):
+        variant_id, _ = collect(release, namespace, samples)
+    pair = next(((v, rt) for v, rt in p.pairs if v.id == variant_id), None)
+    if pair is None:
+        raise ConfigError(f"the in-cluster load test targeted {variant_id!r}, which is not in {cfg.workdir}")
+    values_path = cfg.workdir / "deploy" / "values.yaml"
+    loadgen = (
+        (yaml.safe_load(values_path.read_text()) or {}).get("loadgen", {}) if values_path.is_file() else {}
+    )
+    run_s = float(str(loadgen.get("runTime", "60s")).rstrip("s"))
+    load = LoadSpec(
+        scenario="in-cluster",
+        load_model="closed",
+        users=int(loadgen.get("users", 8)),
+        duration_s=max(run_s - cfg.load.warmup_s, 1.0),
+        warmup_s=cfg.load.warmup_s,
+    )
+    spec = pipeline.service_spec(cfg, *pair)
+    endpoint = Endpoint(service=spec, url=f"kubernetes://{namespace}/{release}", target="kubernetes")
+    return result_from_samples(endpoint, load, samples, started_at(samples))
 
 
 def _cost_options(cfg: ExperimentConfig) -> dict[str, Any]:
