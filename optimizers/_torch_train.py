@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
@@ -223,3 +223,94 @@ def guarded(
         f"of held-out samples (min_agreement {config.min_agreement})",
         hint="give the model training data, lower min_agreement, or set it to null",
     )
+
+
+# --- distillation from a teacher, no labels --------------------------------------------------------------
+
+
+def soft_target_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    kl_weight: float = 1.0,
+    mse_weight: float = 0.0,
+) -> torch.Tensor:
+    """``kl_weight · T² · KL(softmax(t/T) ‖ softmax(s/T)) + mse_weight · MSE(s, t)``.
+
+    The T² factor keeps the KL gradient's size independent of the temperature (Hinton et al., 2015).
+    """
+    import torch.nn.functional as F
+
+    loss = student_logits.new_zeros(())
+    if kl_weight:
+        t = temperature
+        kl = F.kl_div(
+            F.log_softmax(student_logits / t, dim=1),
+            F.log_softmax(teacher_logits / t, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        loss = loss + kl_weight * t * t * kl
+    if mse_weight:
+        loss = loss + mse_weight * F.mse_loss(student_logits, teacher_logits)
+    return loss
+
+
+def distill(
+    student: Any,
+    teacher: Callable[[np.ndarray], np.ndarray],
+    x: np.ndarray,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    *,
+    temperature: float = 1.0,
+    kl_weight: float = 1.0,
+    mse_weight: float = 0.0,
+    mixup: float = 0.0,
+    on_step: Callable[[], None] | None = None,
+) -> list[float]:
+    """Train ``student`` for ``steps`` Adam steps to reproduce ``teacher``'s outputs on ``x``; the losses.
+
+    For models without labels: the targets are the teacher's logits, computed per batch (so that
+    augmented inputs get their own targets); ``teacher`` maps a float32 batch to logits (numpy: an ONNX
+    Runtime session or a torch module under ``inference_mode``). ``student`` needs ``parameters()``
+    and ``__call__`` on a torch batch. Batches are a seeded shuffle per pass over ``x``; ``mixup > 0``
+    replaces each batch by convex combinations of it and a shuffled copy, with Beta(mixup, mixup)
+    weights. Cosine learning-rate schedule from ``lr`` to 0; deterministic (see :func:`deterministic`).
+    """
+    import numpy as np
+    import torch
+
+    if steps <= 0 or len(x) == 0:
+        return []
+    rng = np.random.default_rng(seed)
+    losses: list[float] = []
+    with deterministic(seed):
+        params = [p for p in student.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+        order = rng.permutation(len(x))
+        cursor = 0
+        for _ in range(steps):
+            if cursor + batch_size > len(order):
+                order, cursor = rng.permutation(len(x)), 0
+            idx = np.sort(order[cursor : cursor + batch_size])
+            cursor += batch_size
+            batch = np.ascontiguousarray(x[idx], dtype=np.float32)
+            if mixup > 0:
+                lam = rng.beta(mixup, mixup, size=(len(batch), 1, 1, 1)[: batch.ndim]).astype(np.float32)
+                batch = lam * batch + (1 - lam) * batch[rng.permutation(len(batch))]
+            target = torch.from_numpy(np.asarray(teacher(batch), dtype=np.float32))
+            opt.zero_grad(set_to_none=True)
+            loss = soft_target_loss(
+                student(torch.from_numpy(batch)), target, temperature, kl_weight, mse_weight
+            )
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step()
+    return losses

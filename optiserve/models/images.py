@@ -8,6 +8,7 @@ and odd-numbered ones the calibration split, so the two never share a crop.
 from __future__ import annotations
 
 import functools
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -62,8 +63,24 @@ def photos() -> tuple[np.ndarray, ...]:
     return tuple(out)
 
 
-def crops(split: str, n: int, seed: int = 20261125) -> list[Image.Image]:
-    """``n`` deterministic RGB crops for ``split`` ("eval" or "calibration")."""
+def crops(
+    split: str, n: int, seed: int = 20261125, photos: Collection[int] | None = None
+) -> list[Image.Image]:
+    """``n`` deterministic RGB crops for ``split`` ("eval" or "calibration").
+
+    ``photos``: only crops of these photos (indices into :func:`photos`), e.g. to train on some photos
+    and evaluate on others. The crops are then the subsequence of the unrestricted ones that comes from
+    those photos, so the splits stay disjoint.
+    """
+    return [crop for _, crop in _crops(split, n, seed, photos)]
+
+
+def crop_photos(split: str, n: int, seed: int = 20261125, photos: Collection[int] | None = None) -> list[int]:
+    """The photo index of each crop :func:`crops` returns for the same arguments."""
+    return [k for k, _ in _crops(split, n, seed, photos)]
+
+
+def _crops(split: str, n: int, seed: int, only: Collection[int] | None) -> list[tuple[int, Image.Image]]:
     import numpy as np
     from PIL import Image
 
@@ -72,7 +89,9 @@ def crops(split: str, n: int, seed: int = 20261125) -> list[Image.Image]:
     offset = 0 if split == "eval" else 1
     rng = np.random.default_rng(seed)
     images = photos()
-    out: list[Image.Image] = []
+    if only is not None and not any(0 <= i < len(images) for i in only):
+        raise ValueError(f"photos: none of {sorted(only)} is a photo index (0-{len(images) - 1})")
+    out: list[tuple[int, Image.Image]] = []
     k = 0
     while len(out) < n:
         img = images[k % len(images)]
@@ -81,10 +100,12 @@ def crops(split: str, n: int, seed: int = 20261125) -> list[Image.Image]:
         top = int(rng.integers(0, h - side + 1))
         left = int(rng.integers(0, w - side + 1))
         flip = bool(rng.integers(0, 2))
-        if k % 2 == offset:
+        if k % 2 == offset and (only is None or k % len(images) in only):
             crop = img[top : top + side, left : left + side]
             if flip:
                 crop = crop[:, ::-1]
-            out.append(Image.fromarray(np.ascontiguousarray(crop)))
+            out.append((k % len(images), Image.fromarray(np.ascontiguousarray(crop))))
         k += 1
+        if only is not None and k > 1000 * n * len(images):
+            raise ValueError(f"photos {sorted(only)} give no {split} crops")
     return out
