@@ -172,6 +172,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=8.0, help="per saturation / sweep level")
     parser.add_argument("--sweep", default="1,2,4,8,16,32,64", help="closed-loop users for the 503 check")
+    parser.add_argument("--max-batch-size", type=int, default=None, help="default: the ServiceSpec's")
     args = parser.parse_args()
     if args.server_cpu == args.client_cpu:
         raise SystemExit("--server-cpu and --client-cpu must differ")
@@ -191,6 +192,9 @@ def main() -> int:
             runtime="onnxruntime",
             threads=ThreadSpec(),
         )
+        if args.max_batch_size:
+            batching = service.batching.model_copy(update={"max_batch_size": args.max_batch_size})
+            service = service.model_copy(update={"batching": batching})
         reference = Reference(model, work / "x.npy", args.server_cpu)
         with LocalDeployment(work, ready_timeout_s=300) as deployment:
             endpoint = deployment.start(service, cpus=frozenset({args.server_cpu}))
