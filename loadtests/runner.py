@@ -96,6 +96,8 @@ def run_level(
         code = stop_group(proc, grace_s=10)
     if load.load_model == "closed":
         _merge_parts(samples_path)
+    else:  # the open-loop generator waits actively for send times: use the CPU it spent on work
+        cpu_peak = _generator_busy(samples_path, cpu_peak)
     if code != 0 or not samples_path.exists():
         raise LoadTestError(
             f"the load generator failed (exit {code}) for {stem}; last lines of {log}:\n{tail(log)}"
@@ -139,6 +141,15 @@ def result_from_samples(
         ci_throughput_rps=throughput_ci(window),
         integrity=_integrity(window, load, cpu_peak, capacity_rps),
     )
+
+
+def _generator_busy(samples_path: Path, fallback: float) -> float:
+    """The open-loop generator's own figure: CPU spent on work (not active waiting) per wall second."""
+    report = samples_path.with_name(samples_path.name + ".generator.json")
+    try:
+        return float(json.loads(report.read_text())["busy_percent"])
+    except (OSError, ValueError, KeyError):
+        return fallback
 
 
 def _merge_parts(samples_path: Path) -> None:
