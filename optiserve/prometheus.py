@@ -215,7 +215,7 @@ class PrometheusServer(PromQLSource):
         target_timeout_s: float = 30.0,
         cpus: frozenset[int] | None = None,
     ) -> None:
-        self.run_dir = run_dir
+        self.run_dir = run_dir.resolve()  # prometheus runs in this folder: no relative paths
         self.cpus = cpus
         self.scrape_interval_s = scrape_interval_s
         self.binary = binary
@@ -224,8 +224,8 @@ class PrometheusServer(PromQLSource):
         self.target_timeout_s = target_timeout_s
         self.scrape_wait_s = 3 * scrape_interval_s + 5.0
         self.edge_span_s = 5 * scrape_interval_s + 5.0
-        self.config_path = run_dir / "prometheus.yml"
-        self.log = run_dir / "prometheus.log"
+        self.config_path = self.run_dir / "prometheus.yml"
+        self.log = self.run_dir / "prometheus.log"
         self.targets: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.version = ""

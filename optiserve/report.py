@@ -14,7 +14,7 @@ from rich.table import Table
 from optiserve.cost import PriceTable, describe, estimate_costs, load_prices
 from optiserve.fsutil import atomic_write_text
 from optiserve.pipeline import Plan
-from optiserve.types import BenchResult, CostEstimate, Evaluation, Interval, Report, ReportRow, Variant
+from optiserve.types import BenchResult, Evaluation, Interval, Report, ReportRow, Variant
 
 if TYPE_CHECKING:
     from optiserve.config import ExperimentConfig
@@ -151,14 +151,16 @@ def render_table(report: Report) -> Table:
         for key in levels:
             lat, rps, errs = _cells(row, key)
             cells.append(f"{lat} · {rps} · {errs}")
-        cells.append(escape(_costs(row.costs)))
+        cells.append(escape(_costs(row)))
         table.add_row(*cells)
     return table
 
 
-def _costs(costs: tuple[CostEstimate, ...], sep: str = "\n") -> str:
+def _costs(row: ReportRow, sep: str = "\n") -> str:
     """Every estimate of a row, or why there is none."""
-    return sep.join(describe(c) for c in costs) if costs else "– (no level met the p99 SLO without errors)"
+    if row.costs:
+        return sep.join(describe(c) for c in row.costs)
+    return "– (not load-tested)" if not row.results else "– (no level met the p99 SLO without errors)"
 
 
 def render_markdown(report: Report) -> str:
@@ -188,7 +190,7 @@ def render_markdown(report: Report) -> str:
         ]
         for key in levels:
             cells.extend(_cells(row, key))
-        cells.append(_costs(row.costs, "<br>"))
+        cells.append(_costs(row, "<br>"))
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
