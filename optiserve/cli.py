@@ -62,6 +62,10 @@ PrometheusUrlOpt = Annotated[
         "default: start `prometheus` if on PATH, else scrape /metrics directly.",
     ),
 ]
+VariantOpt = Annotated[
+    list[str] | None,
+    typer.Option("--variant", "-v", help="Variant ids, repeatable (default: all that passed the gate)."),
+]
 ScenarioOpt = Annotated[
     str | None,
     typer.Option("--scenario", "-s", help="closed-loop (default), open-loop, slo-search, ramp or spike."),
@@ -264,9 +268,7 @@ def serve(
     workdir: WorkdirOpt = None,
     runtime: RuntimeOpt = None,
     input_shape: InputShapeOpt = None,
-    variant: Annotated[
-        list[str] | None, typer.Option("--variant", "-v", help="Variant ids (default: all).")
-    ] = None,
+    variant: VariantOpt = None,
     port: Annotated[
         int | None, typer.Option("--port", help="Port of the first server (next ones count up).")
     ] = None,
@@ -306,10 +308,7 @@ def build(
     workdir: WorkdirOpt = None,
     runtime: RuntimeOpt = None,
     input_shape: InputShapeOpt = None,
-    variant: Annotated[
-        list[str] | None,
-        typer.Option("--variant", "-v", help="Variant ids (default: all that passed the gate)."),
-    ] = None,
+    variant: VariantOpt = None,
     containerize: Annotated[
         bool,
         typer.Option(
@@ -362,9 +361,7 @@ def bench(
     warmup: WarmupOpt = None,
     runtime: RuntimeOpt = None,
     input_shape: InputShapeOpt = None,
-    variant: Annotated[
-        list[str] | None, typer.Option("--variant", "-v", help="Variant ids (default: all).")
-    ] = None,
+    variant: VariantOpt = None,
     scenario: ScenarioOpt = None,
     rate: RateOpt = None,
     in_cluster: Annotated[
@@ -582,10 +579,7 @@ def deploy(
     workdir: WorkdirOpt = None,
     runtime: RuntimeOpt = None,
     input_shape: InputShapeOpt = None,
-    variant: Annotated[
-        list[str] | None,
-        typer.Option("--variant", "-v", help="Variant ids (default: all that passed the gate)."),
-    ] = None,
+    variant: VariantOpt = None,
     image_repository: Annotated[
         str,
         typer.Option(
