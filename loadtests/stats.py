@@ -123,16 +123,23 @@ def bootstrap_percentile_ci(
 
 def throughput_ci(window: Window, bin_s: float = 1.0, seed: int = 0) -> Interval | None:
     """95% bootstrap interval of throughput, resampling whole seconds (requests within a second are
-    not independent); None for windows shorter than 5 bins."""
+    not independent); None for windows shorter than 5 bins.
+
+    Only whole bins are resampled (a last partial second would count as a full one), and the spread is
+    applied to the window's own throughput, so the interval is about the figure the report shows.
+    """
     ok_starts = window.samples.start_s[window.samples.ok]
     if window.seconds < 5 * bin_s or ok_starts.size == 0:
         return None
     t0 = float(window.samples.start_s.min())
     bins = int(window.seconds // bin_s)
-    counts = np.bincount(((ok_starts - t0) // bin_s).astype(int).clip(0, bins - 1), minlength=bins)[:bins]
+    index = ((ok_starts - t0) // bin_s).astype(int)
+    counts = np.bincount(index[index < bins], minlength=bins)[:bins]
+    if counts.sum() == 0:
+        return None
     rng = np.random.default_rng(seed)
-    means = counts[rng.integers(0, bins, (BOOTSTRAP_RESAMPLES, bins))].mean(axis=1) / bin_s
-    low, high = np.percentile(means, [2.5, 97.5])
+    ratios = counts[rng.integers(0, bins, (BOOTSTRAP_RESAMPLES, bins))].mean(axis=1) / counts.mean()
+    low, high = np.percentile(ratios * window.throughput, [2.5, 97.5])
     return Interval(low=float(low), high=float(high))
 
 

@@ -123,3 +123,12 @@ def test_throughput_interval_contains_the_rate() -> None:
     ci = throughput_ci(window)
     assert ci is not None and ci.low <= window.throughput <= ci.high
     assert ci.low > 90 and ci.high < 110
+
+
+def test_throughput_interval_is_about_the_reported_figure_when_the_window_ends_mid_second() -> None:
+    """Sends over 11 s, the window ending with the last answer 0.86 s later (as real levels do): the
+    interval must be about the reported figure (answers ÷ window), not about the sends per whole second."""
+    sends = synthetic_window([400] * 3, [90] * 3, seconds_each=11.0 / 3)
+    window = Window(sends.samples, 11.86)
+    ci = throughput_ci(window)
+    assert ci is not None and ci.low <= window.throughput <= ci.high, (ci, window.throughput)
