@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from optiserve.evaluate import agreement_by_margin
+from optiserve.hardware import int8_dot_product_saturates
 from optiserve.manifest import variant_dir
 from optiserve.models.resolve import dataset, resolve_model
 from optiserve.optimizers.base import OptimizeContext
@@ -121,6 +123,11 @@ def main() -> int:
     print(f"eval: {what}; {args.threads} threads, batch 1, {args.rounds}×{args.reps} runs per variant")
     print(
         f"top-1 agreement with FP32: {agreement:.1%} ({int((out.argmax(1) == ref.argmax(1)).sum())}/{len(x)})"
+    )
+    print(agreement_by_margin(ref, out))
+    print(
+        f"CPU: {'no VNNI (u8×s8 dot products saturate)' if int8_dot_product_saturates() else 'VNNI'}; "
+        f"reduce_range={quantizer.config.reduce_range}"
     )
     print(
         f"batch-1 latency: FP32 {fp32_ms:.2f} ms, INT8 {int8_ms:.2f} ms → speed-up {speedup:.2f}x "

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from optiserve.artifacts import ONNX_MODEL
 from optiserve.errors import ArtifactError, OptimizationError
@@ -144,11 +144,24 @@ class NncfQuantizeConfig(OptimizerConfig):
     """OpenVINO op types kept in floating point, e.g. ``GroupConvolution`` (depthwise convolutions)."""
     ignored_patterns: tuple[str, ...] = ()
     """Regular expressions over node names kept in floating point."""
-    overflow_fix: Literal["enable", "first_layer_only", "disable"] = "disable"
-    """Full 8-bit weights (NNCF's default, ``first_layer_only``, gives the first layer 7-bit weights).
-    The overflow fix only matters on CPUs without VNNI (before Cascade Lake / Zen 4): set
-    ``first_layer_only`` or ``enable`` there. Disabling it raised top-1 agreement on
-    EfficientNet-Lite0 (see benchmarks/int8_openvino_efficientnet.py)."""
+    overflow_fix: Literal["auto", "enable", "first_layer_only", "disable"] = Field(
+        "auto", validate_default=True
+    )
+    """7-bit weights against the saturating u8×s8 dot product of x86 CPUs without VNNI (before Cascade
+    Lake / Zen 4). ``auto`` (resolved when the config is read, so the variant id records it): ``enable``
+    on such CPUs, else ``disable`` (full 8-bit weights, which raised top-1 agreement on
+    EfficientNet-Lite0 on a VNNI CPU; see benchmarks/int8_openvino_efficientnet.py). NNCF's own
+    default is ``first_layer_only``."""
+
+    @field_validator("overflow_fix", mode="after")
+    @classmethod
+    def _resolve_overflow_fix(cls, value: str) -> str:
+        from optiserve.hardware import int8_dot_product_saturates
+
+        if value != "auto":
+            return value
+        return "enable" if int8_dot_product_saturates() else "disable"
+
     activations_range_estimator: RangeEstimator = "minmax"
     """How activation ranges are taken from the calibration statistics; ``minmax`` (no outlier
     clipping) beat NNCF's default on EfficientNet-Lite0 and the tiny test MLP. ``default``: NNCF's."""

@@ -49,7 +49,9 @@ if TYPE_CHECKING:
 
 LOG = "qat.json"
 WEIGHT_QMAX = 127
-"""Weights stay in [-127, 127], the symmetric range ORT's per-channel int8 quantizer writes."""
+"""Weights stay in [-127, 127], the symmetric range ORT's per-channel int8 quantizer writes, or in
+[-64, 64] (REDUCED_WEIGHT_QMAX) where the starting point used ``reduce_range``."""
+REDUCED_WEIGHT_QMAX = 64
 DEFAULT_PTQ: dict[str, Any] = {"keep_first": 3, "keep_last": 1, "percentile": 99.99}
 """The post-training starting point: benchmarks/int8_efficientnet.py's recipe minus the empirical bias
 correction (training supersedes it)."""
@@ -101,6 +103,12 @@ class OrtInt8Qat(common.OnnxRewrite):
     Config = OrtInt8QatConfig
     config: OrtInt8QatConfig
 
+    def __init__(self, config: dict[str, Any] | None = None) -> None:
+        super().__init__(config)
+        # The starting point's resolved reduce_range belongs in this variant's id too.
+        resolved = OrtInt8Static(self.config.ptq).config.reduce_range
+        self.config = self.config.model_copy(update={"ptq": {**self.config.ptq, "reduce_range": resolved}})
+
     def produce(self, parent: Variant, parent_dir: Path, out_dir: Path, ctx: OptimizeContext) -> Produced:
         from ._torch_train import distill
 
@@ -112,11 +120,13 @@ class OrtInt8Qat(common.OnnxRewrite):
         parent_path = common.parent_onnx(parent, parent_dir)
         path = common.output_path(out_dir)
         started = time.perf_counter()
+        ptq = OrtInt8Static(ptq_cfg)
         with tempfile.TemporaryDirectory(prefix="ort-int8-qat.") as tmp:
-            OrtInt8Static(ptq_cfg).produce(parent, parent_dir, Path(tmp), ctx)
+            ptq.produce(parent, parent_dir, Path(tmp), ctx)
             quantized = common.load(common.output_path(Path(tmp)))
         ptq_s = time.perf_counter() - started
-        student = QdqModule(quantized, common.load(parent_path))
+        qmax = REDUCED_WEIGHT_QMAX if ptq.config.reduce_range else WEIGHT_QMAX
+        student = QdqModule(quantized, common.load(parent_path), weight_qmax=qmax)
         teacher = _teacher(parent_path)
         layers: list[dict[str, Any]] = []
         if cfg.reconstruct and len(train):
@@ -217,8 +227,15 @@ class QdqModule:
         "Constant",
     )
 
-    def __init__(self, quantized: onnx.ModelProto, float_model: onnx.ModelProto | None = None) -> None:
+    def __init__(
+        self,
+        quantized: onnx.ModelProto,
+        float_model: onnx.ModelProto | None = None,
+        weight_qmax: int = WEIGHT_QMAX,
+    ) -> None:
         from onnx import numpy_helper
+
+        self.weight_qmax = weight_qmax
 
         unsupported = sorted({n.op_type for n in quantized.graph.node} - set(self.SUPPORTED))
         if unsupported:
@@ -287,7 +304,7 @@ class QdqModule:
         if self.consts[dq.input[0]].dtype.itemsize != 1:
             return w  # an int32 bias: kept float while training
         s = self._const(dq.input[1]).reshape(_scale_shape(self.consts[dq.input[1]].size, w.dim(), dq))
-        return _round_ste(w / s).clamp(-WEIGHT_QMAX, WEIGHT_QMAX) * s
+        return _round_ste(w / s).clamp(-self.weight_qmax, self.weight_qmax) * s
 
     def __call__(self, x: torch.Tensor, until: str | None = None) -> torch.Tensor:
         """The graph's output, or (``until``) the named intermediate tensor, computed no further."""
@@ -392,7 +409,7 @@ class QdqModule:
                 scale = self.consts[dq.input[1]].astype(np.float64)
                 shape = _scale_shape(scale.size, value.ndim, dq)
                 bits = self.consts[init.name].dtype
-                limit = WEIGHT_QMAX if bits.itemsize == 1 else 2**31 - 1
+                limit = self.weight_qmax if bits.itemsize == 1 else 2**31 - 1
                 q = np.clip(np.round(value / scale.reshape(shape)), -limit, limit).astype(bits)
                 init.CopyFrom(numpy_helper.from_array(q, init.name))
             else:
@@ -647,7 +664,7 @@ def _fit_layer(
 
     def error(q: torch.Tensor, bias_: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Mean squared error of the layer with rounding offsets ``q`` (0..1) on ``rows`` (all: None)."""
-        wq = ((floor + q).clamp(-WEIGHT_QMAX, WEIGHT_QMAX) * scale).reshape(
+        wq = ((floor + q).clamp(-student.weight_qmax, student.weight_qmax) * scale).reshape(
             groups, out_channels // groups, -1
         )
         xs, ys = (xg, yg) if rows is None else (xg[:, rows], yg[:, rows])
@@ -672,7 +689,8 @@ def _fit_layer(
         hard = u.round() - floor
         before, after = base / variance, float(error(hard, b)) / variance
         if after < before:
-            student.params[weight].copy_((floor + hard).clamp(-WEIGHT_QMAX, WEIGHT_QMAX) * scale)
+            qmax = student.weight_qmax
+            student.params[weight].copy_((floor + hard).clamp(-qmax, qmax) * scale)
             if bias is not None:
                 student.params[bias].copy_(b)
     return round(before, 6), round(min(after, before), 6)

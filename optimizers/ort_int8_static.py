@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from optiserve.errors import OptimizationError
 from optiserve.types import Variant
@@ -45,6 +45,19 @@ class OrtInt8StaticConfig(OptimizerConfig):
     activation_type: Literal["uint8", "int8"] = "uint8"
     """uint8 activations with int8 weights is the pair x86 VNNI kernels run natively."""
     weight_type: Literal["int8", "uint8"] = "int8"
+    reduce_range: bool | Literal["auto"] = Field("auto", validate_default=True)
+    """7-bit weights, so that the u8×s8 kernels of x86 CPUs without VNNI cannot saturate; ``auto``
+    turns it on exactly there (see :func:`optiserve.hardware.int8_dot_product_saturates`) and is
+    resolved when the config is read, so the variant's id and manifest record what was built. The
+    model is then tuned for the kind of CPU it was built on, as a TensorRT engine is for its GPU."""
+
+    @field_validator("reduce_range", mode="after")
+    @classmethod
+    def _resolve_reduce_range(cls, value: bool | str) -> bool:
+        from optiserve.hardware import int8_dot_product_saturates
+
+        return int8_dot_product_saturates() if value == "auto" else bool(value)
+
     symmetric_activations: bool = False
     preprocess: bool = True
     """ORT's shape inference and graph cleanup before quantizing (recommended by ORT)."""
@@ -146,6 +159,7 @@ class OrtInt8Static(common.OnnxRewrite):
                 per_channel=cfg.per_channel,
                 activation_type=types[cfg.activation_type],
                 weight_type=types[cfg.weight_type],
+                reduce_range=bool(self.config.reduce_range),
                 nodes_to_exclude=excluded,
                 calibrate_method=method,
                 extra_options=extra,

@@ -87,3 +87,24 @@ def evaluate_outputs(
         passed=gated is None or value >= gated * reference_value - 1e-12,
         latency=latency,
     )
+
+
+def agreement_by_margin(ref_logits: np.ndarray, out_logits: np.ndarray, margin: float = 0.05) -> str:
+    """Top-1 agreement split by how decided the reference was: one line for benchmark output.
+
+    A sample whose reference top-1 and top-2 softmax probabilities lie within ``margin`` is a near
+    tie: any numeric change may flip it, so agreement there measures noise as much as quality.
+    """
+    probs = np.exp(ref_logits - ref_logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    top2 = np.sort(probs, 1)[:, -2:]
+    tie = (top2[:, 1] - top2[:, 0]) < margin
+    agree = ref_logits.argmax(1) == out_logits.argmax(1)
+
+    def part(mask: np.ndarray) -> str:
+        return f"{agree[mask].mean():.1%} of {int(mask.sum())}" if mask.any() else "none"
+
+    return (
+        f"agreement where FP32's top-2 probabilities differ by ≥ {margin:.2f}: {part(~tie)}; "
+        f"on near ties: {part(tie)}"
+    )

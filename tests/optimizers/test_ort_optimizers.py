@@ -57,6 +57,32 @@ def test_static_int8_writes_qdq_nodes_and_int8_weights_and_keeps_decisions(
     assert not np.allclose(got, expected, atol=1e-6)  # really quantized, not a float copy
 
 
+@pytest.mark.parametrize("reduce_range", [True, False])
+def test_static_int8_reduce_range_limits_weights_to_7_bits_and_is_part_of_the_id(
+    reduce_range: bool, onnx_source: Variant, variants_workdir: Path
+) -> None:
+    child = OrtInt8Static({"reduce_range": reduce_range}).apply(onnx_source, variants_workdir)
+    model = model_of(child, variants_workdir)
+    weights = [
+        numpy_helper.to_array(i) for i in model.graph.initializer if i.name in quantized_weights(model)
+    ]
+    largest = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+    assert largest == (64 if reduce_range else 127)  # per-channel scales use the whole (reduced) range
+    assert child.steps[-1].config["reduce_range"] is reduce_range
+    other = OrtInt8Static({"reduce_range": not reduce_range}).child_id(onnx_source)
+    assert other != child.id
+
+
+def test_reduce_range_auto_resolves_to_this_cpus_need() -> None:
+    from optiserve.hardware import int8_dot_product_saturates
+
+    assert OrtInt8Static().config.reduce_range is int8_dot_product_saturates()
+    assert (
+        OrtInt8Static({"reduce_range": "auto"}).config
+        == OrtInt8Static({"reduce_range": int8_dot_product_saturates()}).config
+    )
+
+
 @pytest.mark.parametrize(
     "config",
     [
