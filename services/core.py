@@ -38,8 +38,9 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger("optiserve.service")
 WARMUP_SEQUENTIAL = 12
-"""Single requests through the batcher at start-up: BentoML's dispatcher learns its latency model from
-its first ~10 batches (waiting up to seconds for batches of 2 and 3 meanwhile); clients never see that."""
+"""Single requests through the batcher at start-up (the first runs of a runtime are slow), then a burst
+that runs as larger batches: the batcher fits its batch-time model, which load shedding uses, to both
+before clients arrive."""
 WARMUP_BURST = 8
 
 
@@ -99,6 +100,7 @@ class ServingCore:
         for _ in range(WARMUP_SEQUENTIAL):
             await self.batcher(sample)
         await asyncio.gather(*(self.batcher(sample) for _ in range(WARMUP_BURST)))
+        self.batcher.fit_latency_model()
         seconds = _since_process_start()
         self.metrics.loaded(seconds)
         self.ready = True

@@ -104,3 +104,32 @@ def test_a_failing_model_fails_the_requests_not_the_batcher() -> None:
     batcher = Batcher(broken, max_batch_size=4, max_latency_ms=10_000)
     with pytest.raises(RuntimeError, match="kaput"):
         asyncio.run(gather(batcher, [np.ones((1, 2), dtype=np.float32)]))
+
+
+def test_a_lone_request_after_a_burst_is_dispatched_at_once() -> None:
+    """BentoML's own controller, once it refits its model (every 5 s; here at once), held each request
+    after a burst back for the burst's average queue wait (~0.2 s here) and kept doing so; this one
+    sends it as soon as the runtime is free."""
+    model = Recorder(delay_s=0.02)
+    batcher = Batcher(model, max_batch_size=2, max_latency_ms=10_000)
+    waits: list[float] = []
+
+    async def burst_then_alone() -> None:
+        await gather(batcher, [np.ones((1, 2), dtype=np.float32) for _ in range(40)])
+        assert batcher.fit_latency_model() is not None
+        for _ in range(5):
+            started = time.perf_counter()
+            await batcher(np.ones((1, 2), dtype=np.float32))
+            waits.append(time.perf_counter() - started - model.delay_s)
+
+    asyncio.run(burst_then_alone())
+    assert max(s[0] for s in model.shapes) == 2  # the burst ran as batches
+    assert max(waits) < 0.1, f"lone requests waited {[round(w, 3) for w in waits]} s beyond inference"
+
+
+def test_batches_grow_with_the_queue_while_the_runtime_is_busy() -> None:
+    model = Recorder(delay_s=0.05)
+    batcher = Batcher(model, max_batch_size=8, max_latency_ms=10_000)
+    asyncio.run(gather(batcher, [np.ones((1, 2), dtype=np.float32) for _ in range(17)]))
+    # All 17 queue before the first dispatch: full batches, then the rest, in arrival order.
+    assert [s[0] for s in model.shapes] == [8, 8, 1]
