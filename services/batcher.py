@@ -27,11 +27,19 @@ from typing import TYPE_CHECKING, Any
 from optiserve.errors import ServingError
 
 if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
 
     from optiserve.metrics import ServiceMetrics
 
 InferFn = Callable[["np.ndarray"], "np.ndarray"]
+INLINE_MAX_S = 0.025
+"""A lone one-sample request on an idle runtime runs on the event loop's thread instead of the
+inference thread when the previous one took less than this: that saves two thread wake-ups (~0.2 ms a request
+measured on a 2-vCPU VM, 1.5% of efficientnet-lite0's 12 ms there) and blocks the loop (health checks,
+metrics, other connections' reads) for about this long at most. The first lone request always runs on
+the inference thread."""
 
 
 def _dispatcher_class() -> type:
@@ -59,9 +67,18 @@ def _dispatcher_class() -> type:
         """
 
         on_dispatch: Callable[[list[float]], None] | None = None
+        run_inline: Callable[[Sequence[Any]], list[Any]] | None = None
+        """The batch callback's synchronous body, for :meth:`run_if_idle`."""
+        lone_s = float("inf")
+        """How long the last lone one-sample request took (none yet: never inline)."""
+
+        @property
+        def _busy(self) -> Any:
+            """BentoML's semaphore (one batch in flight), untyped."""
+            return self._sema
 
         def _can_dispatch(self) -> bool:
-            return bool(self._queue) and not self._sema.is_locked()
+            return bool(self._queue) and not self._busy.is_locked()
 
         def _shed_late(self) -> None:
             now = time.time()
@@ -78,13 +95,43 @@ def _dispatcher_class() -> type:
                     async with self._wake_event:
                         await self._wake_event.wait_for(self._can_dispatch)
                     self._shed_late()
-                    self._sema.acquire()
+                    self._busy.acquire()
                     inputs_info = tuple(self._get_inputs())
                     self._loop.create_task(self.outbound_call(inputs_info))
                 except asyncio.CancelledError:
                     raise
                 except Exception:
                     log.exception("the batcher could not dispatch a batch")
+
+        async def run_if_idle(self, data: Any) -> tuple[bool, Any]:
+            """``(True, result)`` after running ``data`` as a batch of its own, when the runtime is
+            free and nothing is queued (the batch the controller would form, without the hand-offs
+            through the queue and the controller task); ``(False, None)`` otherwise. A batch the
+            one-sample request runs on the event loop's thread when the previous one took under
+            ``INLINE_MAX_S``."""
+            if self._queue or self._busy.is_locked() or self.get_batch_size(data) > self.max_batch_size:
+                return False, None
+            if self._controller is None:
+                self._controller = self._loop.create_task(self.controller())  # type: ignore[assignment]
+            self._busy.acquire()
+            if self.on_dispatch is not None:
+                self.on_dispatch([0.0])
+            started = time.time()
+            try:
+                single = self.get_batch_size(data) == 1
+                if single and self.run_inline is not None and self.lone_s < INLINE_MAX_S:
+                    (result,) = self.run_inline((data,))
+                else:
+                    (result,) = await self.callback((data,))
+                took = time.time() - started
+                if single:
+                    self.lone_s = took
+                self.optimizer.log_outbound(n=1, wait=0.0, duration=took)
+                return True, result
+            finally:
+                self._busy.release()
+                async with self._wake_event:
+                    self._wake_event.notify_all()
 
         async def outbound_call(self, inputs_info: Any, training: bool = False) -> None:
             if self.on_dispatch is not None:
@@ -118,6 +165,7 @@ class Batcher:
         self.metrics = metrics
         self._call: Callable[[np.ndarray], Awaitable[np.ndarray]] | None = None
         self._dispatcher: Any = None
+        self._executor: ThreadPoolExecutor | None = None
 
     def _dispatch(self) -> Callable[[np.ndarray], Awaitable[np.ndarray]]:
         """Created on first use, so the dispatcher binds to the server's running event loop."""
@@ -132,6 +180,7 @@ class Batcher:
             )
             if self.metrics is not None:
                 dispatcher.on_dispatch = self.metrics.queue_waits
+            dispatcher.run_inline = self._run_parts
             self._call = dispatcher(self._run_batch)
             self._dispatcher = dispatcher
         return self._call
@@ -151,8 +200,11 @@ class Batcher:
             import anyio
 
             return await anyio.to_thread.run_sync(self._run_one, batch)
-        result = await self._dispatch()(batch)
-        return result
+        call = self._dispatch()
+        ran, result = await self._dispatcher.run_if_idle(batch)
+        if not ran:
+            result = await call(batch)
+        return result  # type: ignore[no-any-return]
 
     def _shed(self) -> Any:
         raise ServingError(
@@ -169,9 +221,15 @@ class Batcher:
         return out
 
     async def _run_batch(self, parts: Sequence[np.ndarray]) -> list[np.ndarray]:
-        import anyio
+        import asyncio
 
-        return await anyio.to_thread.run_sync(self._run_parts, list(parts))
+        # One batch runs at a time, so one dedicated thread serves; run_in_executor costs ~30 µs less
+        # per hand-off than anyio's worker pool.
+        if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optiserve-infer")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_parts, list(parts))
 
     def _run_parts(self, parts: list[np.ndarray]) -> list[np.ndarray]:
         import numpy as np

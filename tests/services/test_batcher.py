@@ -131,5 +131,29 @@ def test_batches_grow_with_the_queue_while_the_runtime_is_busy() -> None:
     model = Recorder(delay_s=0.05)
     batcher = Batcher(model, max_batch_size=8, max_latency_ms=10_000)
     asyncio.run(gather(batcher, [np.ones((1, 2), dtype=np.float32) for _ in range(17)]))
-    # All 17 queue before the first dispatch: full batches, then the rest, in arrival order.
-    assert [s[0] for s in model.shapes] == [8, 8, 1]
+    # The first finds the runtime free and runs at once; the others queue behind it meanwhile.
+    assert [s[0] for s in model.shapes] == [1, 8, 8]
+
+
+@pytest.mark.parametrize(("delay_s", "inline"), [(0.002, True), (0.04, False)])
+def test_a_lone_fast_batch_runs_on_the_event_loop_thread_and_a_slow_one_does_not(
+    delay_s: float, inline: bool
+) -> None:
+    threads: list[str] = []
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        threads.append(threading.current_thread().name)
+        time.sleep(delay_s)
+        return batch
+
+    batcher = Batcher(model, max_batch_size=4, max_latency_ms=10_000)
+
+    async def run() -> None:
+        await batcher(np.ones((1, 2), dtype=np.float32))  # before the fit: never inline
+        await gather(batcher, [np.ones((1, 2), dtype=np.float32) for _ in range(9)])
+        batcher.fit_latency_model()
+        threads.clear()
+        await batcher(np.ones((1, 2), dtype=np.float32))
+
+    asyncio.run(run())
+    assert (threads == [threading.main_thread().name]) is inline, threads
