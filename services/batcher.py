@@ -36,10 +36,10 @@ if TYPE_CHECKING:
 InferFn = Callable[["np.ndarray"], "np.ndarray"]
 INLINE_MAX_S = 0.025
 """A lone one-sample request on an idle runtime runs on the event loop's thread instead of the
-inference thread when the previous one took less than this: that saves two thread wake-ups (~0.2 ms a request
-measured on a 2-vCPU VM, 1.5% of efficientnet-lite0's 12 ms there) and blocks the loop (health checks,
-metrics, other connections' reads) for about this long at most. The first lone request always runs on
-the inference thread."""
+inference thread when the previous one took less than this: that saves two thread wake-ups (~0.2 ms a
+request measured on a 2-vCPU VM, 1.5% of efficientnet-lite0's 12 ms there) and blocks the loop (health
+checks, metrics, other connections' reads) for about this long at most. The first lone request always
+runs on the inference thread."""
 
 
 def _dispatcher_class() -> type:
@@ -106,9 +106,8 @@ def _dispatcher_class() -> type:
         async def run_if_idle(self, data: Any) -> tuple[bool, Any]:
             """``(True, result)`` after running ``data`` as a batch of its own, when the runtime is
             free and nothing is queued (the batch the controller would form, without the hand-offs
-            through the queue and the controller task); ``(False, None)`` otherwise. A batch the
-            one-sample request runs on the event loop's thread when the previous one took under
-            ``INLINE_MAX_S``."""
+            through the queue and the controller task); ``(False, None)`` otherwise. A one-sample
+            request runs on the event loop's thread when the previous one took under ``INLINE_MAX_S``."""
             if self._queue or self._busy.is_locked() or self.get_batch_size(data) > self.max_batch_size:
                 return False, None
             if self._controller is None:
