@@ -33,8 +33,9 @@ venv: $(VENV)/.test-deps
 run: $(VENV)/.run-deps
 	$(VENV)/bin/optiserve run $(ARGS)
 
-## test: format check, lint, mypy on optiserve/, then every test (pytest exit 5, "no tests", is not a failure).
-test: lint typecheck pytest
+## test: the Debian packages the tests use, format check, lint, mypy on optiserve/, then every test (pytest
+## exit 5, "no tests", is not a failure). The fashion-cnn tests need Fashion-MNIST's 10,000 test images.
+test: system-deps lint typecheck pytest
 
 lint: $(VENV)/.test-deps
 	$(VENV)/bin/ruff format --check .
@@ -57,6 +58,7 @@ pytest: $(VENV)/.test-deps
 SYSTEM_PACKAGES := dataset-fashion-mnist prometheus
 system-deps:
 	@if dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1; then echo "system packages present: $(SYSTEM_PACKAGES)"; \
+	elif [ "$$(id -u)" != 0 ]; then echo "make system-deps: missing Debian packages; as root: apt-get install $(SYSTEM_PACKAGES)" >&2; exit 1; \
 	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); fi
 
 clean:
