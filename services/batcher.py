@@ -61,9 +61,11 @@ def _dispatcher_class() -> type:
         13 ms before it). This controller dispatches whatever is queued, up to ``max_batch_size``, the
         moment the runtime is free and is woken by the batch finishing rather than by a timer. Batches
         still grow with the load, since requests queue while a batch runs (Triton's dynamic batcher
-        with no queue delay does the same). Load shedding is BentoML's rule: when more than one request
-        waits, the oldest is refused (503) if its wait plus the fitted time of a batch (``o_a·n + o_b``,
-        learned from measured batches) exceeds ``max_latency``.
+        with no queue delay does the same). Load shedding is BentoML's rule, checked each time the
+        runtime frees up (BentoML checked every millisecond, so a doomed request now hears its 503 when
+        the running batch ends): while more than one request waits, the oldest is refused (503) if its
+        wait plus the fitted time of a batch (``o_a·n + o_b``, learned from measured batches) exceeds
+        ``max_latency``.
         """
 
         on_dispatch: Callable[[list[float]], None] | None = None

@@ -127,3 +127,11 @@ def test_runtime_refuses_an_artifact_that_is_not_ir(ir_fp32: Variant, tmp_path: 
     with pytest.raises(ArtifactError, match="OpenVINO cannot load"):
         runtime.load()
     assert not runtime.ready
+
+
+def test_overflow_fix_auto_resolves_to_this_cpus_need_and_explicit_values_stay() -> None:
+    from optiserve.hardware import int8_dot_product_saturates
+
+    cls = Optimizer.get("nncf-int8")
+    assert cls().config.overflow_fix == ("enable" if int8_dot_product_saturates() else "disable")
+    assert cls({"overflow_fix": "first_layer_only"}).config.overflow_fix == "first_layer_only"

@@ -152,6 +152,27 @@ def test_distillation_brings_the_int8_model_closer_to_fp32(
     assert any(n.op_type == "QuantizeLinear" for n in b.graph.node)
 
 
+@pytest.mark.parametrize("reduce_range", [True, False])
+def test_training_keeps_the_weights_in_the_range_of_the_starting_point(
+    reduce_range: bool, source: Variant, workdir: Path, ctx: OptimizeContext
+) -> None:
+    """7-bit weights (reduce_range, against saturating u8×s8 kernels) must stay 7-bit after training."""
+    config = {
+        "ptq": {"reduce_range": reduce_range},
+        "holdout": 64,
+        "steps": 30,
+        "lr": 1e-2,
+        "batch_size": 32,
+        "reconstruct_iterations": 50,
+    }
+    trained = OrtInt8Qat(config).apply(source, workdir, ctx)
+    assert trained.steps[-1].config["ptq"]["reduce_range"] is reduce_range
+    model = onnx.load(str(model_path(trained, workdir)))
+    int8 = [numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert int8
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in int8) == (64 if reduce_range else 127)
+
+
 def test_soft_target_loss() -> None:
     logits = torch.randn(4, CLASSES)
     assert float(soft_target_loss(logits, logits, temperature=3.0, mse_weight=1.0)) == pytest.approx(

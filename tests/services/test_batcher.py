@@ -136,7 +136,7 @@ def test_batches_grow_with_the_queue_while_the_runtime_is_busy() -> None:
 
 
 @pytest.mark.parametrize(("delay_s", "inline"), [(0.002, True), (0.04, False)])
-def test_a_lone_fast_batch_runs_on_the_event_loop_thread_and_a_slow_one_does_not(
+def test_a_lone_fast_request_runs_on_the_event_loop_thread_and_a_slow_one_does_not(
     delay_s: float, inline: bool
 ) -> None:
     threads: list[str] = []
@@ -148,12 +148,11 @@ def test_a_lone_fast_batch_runs_on_the_event_loop_thread_and_a_slow_one_does_not
 
     batcher = Batcher(model, max_batch_size=4, max_latency_ms=10_000)
 
-    async def run() -> None:
-        await batcher(np.ones((1, 2), dtype=np.float32))  # before the fit: never inline
-        await gather(batcher, [np.ones((1, 2), dtype=np.float32) for _ in range(9)])
-        batcher.fit_latency_model()
-        threads.clear()
-        await batcher(np.ones((1, 2), dtype=np.float32))
+    async def three_alone() -> None:
+        for _ in range(3):
+            await batcher(np.ones((1, 2), dtype=np.float32))
 
-    asyncio.run(run())
-    assert (threads == [threading.main_thread().name]) is inline, threads
+    asyncio.run(three_alone())
+    main = threading.main_thread().name
+    assert threads[0] != main, "the first lone request has no timing yet: it runs on the inference thread"
+    assert [t == main for t in threads[1:]] == [inline, inline], threads
