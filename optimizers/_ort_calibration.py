@@ -5,6 +5,11 @@ Not a plugin module (the leading underscore keeps the registry from scanning it)
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +20,38 @@ from . import _onnx_common as common
 if TYPE_CHECKING:
     import numpy as np
     import onnx
+
+
+RANGE_CACHE = Path("cache") / "ort-calibration"
+"""Calibrated activation ranges, under the workdir, one JSON file per :func:`range_cache_key`."""
+
+
+def range_cache_key(parent_id: str, settings: dict[str, Any], samples: np.ndarray) -> str:
+    """A key for the ranges ORT calibrates on ``samples`` for the parent with these calibration settings."""
+    digest = hashlib.sha256(json.dumps([parent_id, settings], sort_keys=True).encode())
+    digest.update(str((samples.shape, samples.dtype.str)).encode())
+    digest.update(samples.tobytes())
+    return digest.hexdigest()[:24]
+
+
+@contextlib.contextmanager
+def range_cache(workdir: Path, key: str, ranges: Path) -> Iterator[None]:
+    """Reuse ORT's calibration ranges across builds: ``ranges`` (the ``calibration_cache_path`` given to
+    ``quantize_static``) starts as the cached copy when there is a readable one, and becomes the cached
+    copy when the block succeeds (written aside, then renamed: never half-written)."""
+    cached = workdir / RANGE_CACHE / f"{key}.json"
+    if cached.is_file():
+        try:
+            json.loads(cached.read_text())
+            shutil.copyfile(cached, ranges)
+        except (OSError, ValueError):
+            ranges.unlink(missing_ok=True)  # unreadable: calibrate again and replace it
+    yield
+    if ranges.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_name(f".{cached.name}.partial")
+        shutil.copyfile(ranges, partial)
+        partial.replace(cached)
 
 
 def quantized_layers(

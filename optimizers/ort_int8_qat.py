@@ -232,10 +232,20 @@ class QdqModule:
         quantized: onnx.ModelProto,
         float_model: onnx.ModelProto | None = None,
         weight_qmax: int = WEIGHT_QMAX,
+        *,
+        quantize_weights: bool = True,
+        quantize_activations: bool = True,
     ) -> None:
+        """``quantize_weights=False`` runs the float model's weights and biases (needs ``float_model``);
+        ``quantize_activations=False`` keeps every activation quantizer's clipping range (it also stands
+        for the ReLU6 clips the quantizer folded into it) but not its rounding. Together they split the
+        quantized model's error into its two sources (benchmarks/int8_error_budget.py)."""
         from onnx import numpy_helper
 
+        if not quantize_weights and float_model is None:
+            raise OptimizationError("QdqModule: float weights need the float model")
         self.weight_qmax = weight_qmax
+        self.quantize_weights, self.quantize_activations = quantize_weights, quantize_activations
 
         unsupported = sorted({n.op_type for n in quantized.graph.node} - set(self.SUPPORTED))
         if unsupported:
@@ -273,8 +283,9 @@ class QdqModule:
                 return
             original = floats.get(stored.removesuffix("_quantized"))
             value = _dequantize(producer, self.consts)
-            if original is not None and original.shape == value.shape and _is_int8(self.consts[stored]):
-                value = original  # latent float weight: rounds to the stored int8 at the start
+            replace = _is_int8(self.consts[stored]) or not self.quantize_weights
+            if original is not None and original.shape == value.shape and replace:
+                value = original  # latent float weight (rounds to the stored int8), or the float bias
             self.params[stored] = torch.nn.Parameter(torch.from_numpy(value.astype("float32").copy()))
             self.weight_dq[name] = producer
         elif name in self.consts and self.consts[name].dtype.kind == "f":
@@ -301,8 +312,8 @@ class QdqModule:
     def _weight(self, dq: onnx.NodeProto) -> torch.Tensor:
         """The fake-quantized weight (int8 per channel) or the float bias of a constant DequantizeLinear."""
         w = self.params[dq.input[0]]
-        if self.consts[dq.input[0]].dtype.itemsize != 1:
-            return w  # an int32 bias: kept float while training
+        if self.consts[dq.input[0]].dtype.itemsize != 1 or not self.quantize_weights:
+            return w  # an int32 bias (kept float while training), or float weights asked for
         s = self._const(dq.input[1]).reshape(_scale_shape(self.consts[dq.input[1]].size, w.dim(), dq))
         return _round_ste(w / s).clamp(-self.weight_qmax, self.weight_qmax) * s
 
@@ -352,7 +363,8 @@ class QdqModule:
         if op == "QuantizeLinear":
             low, high = _qrange(self.consts[node.input[2]])
             scale, zero = args[1], args[2]
-            return (_round_ste(args[0] / scale) + zero).clamp(low, high)
+            steps = _round_ste(args[0] / scale) if self.quantize_activations else args[0] / scale
+            return (steps + zero).clamp(low, high)
         if op == "DequantizeLinear":
             return (args[0] - args[2]) * args[1]
         if op == "Conv":
@@ -398,6 +410,8 @@ class QdqModule:
         import onnx
         from onnx import numpy_helper
 
+        if not (self.quantize_weights and self.quantize_activations):
+            raise OptimizationError("QdqModule: only a fully quantized module can be exported")
         model = onnx.ModelProto.FromString(self.model.SerializeToString())
         by_stored = {dq.input[0]: dq for dq in self.weight_dq.values()}
         for init in model.graph.initializer:

@@ -111,7 +111,12 @@ class OrtInt8Static(common.OnnxRewrite):
                 source = Path(tmp) / "pre.onnx"
             model = common.load(source)
             excluded = self.excluded_nodes(model)
-            self._quantize(source, path, samples, parent.model.inputs[0].name, excluded)
+            # Calibration (a pass over every sample, minutes on a CNN) does not depend on which nodes
+            # stay in float, so its ranges are reused when only the exclusions change.
+            key = calibration.range_cache_key(parent.id, self._calibration_settings(), samples)
+            ranges = Path(tmp) / "ranges.json"
+            with calibration.range_cache(ctx.workdir, key, ranges):
+                self._quantize(source, path, samples, parent.model.inputs[0].name, excluded, ranges)
             if self.config.bias_correction:
                 correct_biases(source, path, samples)
             if self.config.empirical_bias_correction:
@@ -131,8 +136,25 @@ class OrtInt8Static(common.OnnxRewrite):
         keep |= {n.name for n in model.graph.node if n.op_type in cfg.op_types_to_exclude}
         return sorted(keep)
 
+    def _calibration_settings(self) -> dict[str, Any]:
+        """What the calibrated ranges depend on, besides the parent model and the samples."""
+        cfg = self.config
+        return {
+            "method": cfg.calibrate_method,
+            "percentile": cfg.percentile,
+            "preprocess": cfg.preprocess,
+            "symmetric": cfg.symmetric_activations,
+            "extra": cfg.extra_options,
+        }
+
     def _quantize(
-        self, source: Path, path: Path, samples: np.ndarray, input_name: str, excluded: list[str]
+        self,
+        source: Path,
+        path: Path,
+        samples: np.ndarray,
+        input_name: str,
+        excluded: list[str],
+        ranges: Path,
     ) -> None:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -163,6 +185,7 @@ class OrtInt8Static(common.OnnxRewrite):
                 nodes_to_exclude=excluded,
                 calibrate_method=method,
                 extra_options=extra,
+                calibration_cache_path=str(ranges),
             )
         except Exception as e:
             raise OptimizationError(f"static INT8 quantization failed: {common.first_line(e)}") from e

@@ -15,6 +15,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from optiserve.errors import OptimizationError
 from optiserve.manifest import variant_dir
 from optiserve.models.images import crop_photos, crops, photos
 from optiserve.models.resolve import resolve_model
@@ -119,6 +120,32 @@ def test_qdq_module_computes_what_onnx_runtime_computes(
     exported = {i.name: numpy_helper.to_array(i) for i in module.export().graph.initializer}
     for init in quantized.graph.initializer:
         np.testing.assert_array_equal(exported[init.name], numpy_helper.to_array(init), err_msg=init.name)
+
+
+def test_qdq_module_splits_the_error_into_weight_and_activation_rounding(
+    source: Variant, workdir: Path, ctx: OptimizeContext
+) -> None:
+    ptq = OrtInt8Static({"calibrate_method": "minmax"}).apply(source, workdir, ctx)
+    quantized, float_model = (
+        onnx.load(str(model_path(ptq, workdir))),
+        onnx.load(str(model_path(source, workdir))),
+    )
+    x = ctx.calibration(source.model)[:64]  # inside the calibrated (min-max) ranges: nothing is clipped
+    expected = run(model_path(source, workdir), x)
+    size = float(np.abs(expected).max())
+
+    def error(**quantize: bool) -> float:
+        with torch.no_grad():
+            got = QdqModule(quantized, float_model, **quantize)(torch.from_numpy(x)).numpy()
+        return float(np.abs(got - expected).max()) / size
+
+    assert error(quantize_weights=False, quantize_activations=False) < 1e-5  # the float model again
+    assert error(quantize_weights=False) > 1e-3  # activation rounding alone
+    assert error(quantize_activations=False) > 1e-3  # weight rounding alone
+    with pytest.raises(OptimizationError, match="fully quantized"):
+        QdqModule(quantized, float_model, quantize_weights=False).export()
+    with pytest.raises(OptimizationError, match="need the float model"):
+        QdqModule(quantized, quantize_weights=False)
 
 
 def test_distillation_brings_the_int8_model_closer_to_fp32(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from onnx import TensorProto, numpy_helper
 from optiserve.errors import ConfigError
 from optiserve.manifest import variant_dir
 from optiserve.models.resolve import resolve_model
+from optiserve.optimizers._ort_calibration import RANGE_CACHE
 from optiserve.optimizers.base import OptimizeContext
 from optiserve.optimizers.onnx_fp16 import OnnxFp16
 from optiserve.optimizers.ort_graph_opt import OrtGraphOpt
@@ -145,6 +147,44 @@ def test_static_int8_refuses_an_empty_calibration_set_before_writing_anything(
         optimizer.apply(onnx_source, workdir, OptimizeContext(workdir, calibration_path=empty))
     assert not variant_dir(workdir, optimizer.child_id(onnx_source)).exists()
     assert not list((workdir / "variants").glob(".*")), "a staging directory was left behind"
+
+
+def hidden_scale(model: onnx.ModelProto) -> float:
+    """The scale of the QuantizeLinear of the hidden activations (between the two Gemms)."""
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "hr")
+    return float(inits[q.input[1]])
+
+
+def widen_ranges(path: Path, factor: float) -> None:
+    """Multiply every calibrated range in ORT's cache file by ``factor``."""
+    data = json.loads(path.read_text())
+    for tensor in data["data"].values():
+        for end in ("lowest", "highest"):
+            if isinstance(tensor[end], dict):
+                tensor[end]["data"] *= factor
+            else:
+                tensor[end] *= factor
+    path.write_text(json.dumps(data))
+
+
+def test_static_int8_reuses_calibrated_ranges_when_only_the_float_nodes_change(
+    mlp_onnx: Path, tmp_path: Path
+) -> None:
+    source = materialize_source(resolve_model(str(mlp_onnx)), tmp_path)
+    first = model_of(OrtInt8Static().apply(source, tmp_path), tmp_path)
+    (cache,) = (tmp_path / RANGE_CACHE).glob("*.json")
+    widen_ranges(cache, 100.0)  # a build that calibrated again would not see this
+    second = model_of(OrtInt8Static({"keep_last": 1}).apply(source, tmp_path), tmp_path)
+    assert hidden_scale(second) == pytest.approx(100 * hidden_scale(first), rel=1e-3)
+
+    cache.write_text("{half-written")  # unreadable: calibrated again, and the cache replaced
+    third = model_of(OrtInt8Static({"keep_first": 1}).apply(source, tmp_path), tmp_path)
+    assert hidden_scale(third) == pytest.approx(hidden_scale(first), rel=1e-6)
+    assert json.loads(cache.read_text())["data"]
+    # Other calibration settings are other ranges: a second cache entry.
+    OrtInt8Static({"calibrate_method": "minmax"}).apply(source, tmp_path)
+    assert len(list((tmp_path / RANGE_CACHE).glob("*.json"))) == 2
 
 
 def test_quantizers_refuse_a_graph_ort_already_fused(onnx_source: Variant, variants_workdir: Path) -> None:
