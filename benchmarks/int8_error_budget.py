@@ -25,15 +25,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from int8_efficientnet import RECIPE, batch1_ms, predict, session
+from int8_efficientnet import RECIPE, batch1_ms, build_fp32, predict, session
 
 from optiserve.evaluate import agreement_by_margin
 from optiserve.manifest import variant_dir
-from optiserve.models.resolve import dataset, resolve_model
-from optiserve.optimizers.base import OptimizeContext
-from optiserve.optimizers.onnx_export import OnnxExport
+from optiserve.models.resolve import dataset
 from optiserve.optimizers.ort_int8_static import OrtInt8Static
-from optiserve.optimizers.source import materialize_source
 from optiserve.types import Variant
 
 FALLBACK = {key: value for key, value in RECIPE.items() if key != "empirical_bias_correction"}
@@ -85,10 +82,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="int8-budget.") as tmp:
         workdir = args.workdir or Path(tmp)
-        spec = resolve_model("efficientnet-lite0")
-        ctx = OptimizeContext(workdir)
         t0 = time.perf_counter()
-        fp32 = OnnxExport().apply(materialize_source(spec, workdir), workdir, ctx)
+        spec, ctx, fp32 = build_fp32(workdir)
         best = OrtInt8Static(RECIPE).apply(fp32, workdir, ctx)
         print(f"built the best recipe's variant {best.id} in {time.perf_counter() - t0:.0f} s", flush=True)
         x, what = dataset(spec, "eval", args.eval_samples)
