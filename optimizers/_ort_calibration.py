@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,7 +50,7 @@ def range_cache(workdir: Path, key: str, ranges: Path) -> Iterator[None]:
     yield
     if ranges.is_file():
         cached.parent.mkdir(parents=True, exist_ok=True)
-        partial = cached.with_name(f".{cached.name}.partial")
+        partial = cached.with_name(f".{cached.name}.{os.getpid()}.partial")  # builds may run side by side
         shutil.copyfile(ranges, partial)
         partial.replace(cached)
 
