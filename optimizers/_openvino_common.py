@@ -130,10 +130,20 @@ class NncfQuantizeConfig(OptimizerConfig):
 
     subset_size: int = Field(default=300, ge=1)
     """Calibration samples NNCF collects statistics on (at most the calibration set's size)."""
-    preset: Literal["performance", "mixed"] = "performance"
-    """``performance``: symmetric weights and activations; ``mixed``: asymmetric activations."""
-    fast_bias_correction: bool = True
-    """False runs NNCF's full bias correction (slower, sometimes more accurate)."""
+    preset: Literal["performance", "mixed"] = "mixed"
+    """``performance`` (NNCF's default): symmetric weights and activations; ``mixed``: asymmetric
+    activations, which spend all 256 levels on one-sided or off-centre ranges (a linear bottleneck's
+    output, a residual sum). With ``fast_bias_correction: false``, on EfficientNet-Lite0 (VNNI EPYC,
+    2026-12-02, 500 eval crops): top-1 agreement 77.2% at 2.09x → 87.2% at 1.81x over ORT FP32."""
+    fast_bias_correction: bool = False
+    """True runs NNCF's fast bias correction (its default) instead of the full one, which measures each
+    layer's shift on the partly quantized model: seconds slower here, and more accurate."""
+    keep_first: int = Field(0, ge=0)
+    """Keep the first N compute ops (Convolution, GroupConvolution, MatMul) in float, like
+    ``ort-int8-static``'s option of that name (EfficientNet-Lite0: 3 with ``keep_last: 1`` → 91.2%
+    agreement at 1.66x)."""
+    keep_last: int = Field(0, ge=0)
+    """Keep the last N compute ops in float (often the classifier)."""
     disable_bias_correction: bool = False
     model_type: Literal["transformer"] | None = None
     """``transformer`` keeps softmax/layer-norm style ops out of INT8 (NNCF's transformer scheme)."""
@@ -170,14 +180,25 @@ class NncfQuantizeConfig(OptimizerConfig):
     """SmoothQuant alpha for MatMuls (NNCF's default: only with ``model_type: transformer``); -1 disables."""
 
 
-def nncf_quantize_kwargs(config: NncfQuantizeConfig, n_items: int) -> dict[str, Any]:
+COMPUTE_OPS = ("Convolution", "GroupConvolution", "MatMul")
+
+
+def kept_in_float(model: Any, config: NncfQuantizeConfig) -> list[str]:
+    """Names of the compute ops ``keep_first`` / ``keep_last`` name, in the IR's topological order."""
+    compute = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() in COMPUTE_OPS]
+    last = compute[len(compute) - config.keep_last :] if config.keep_last else []
+    return list(dict.fromkeys(compute[: config.keep_first] + last))
+
+
+def nncf_quantize_kwargs(config: NncfQuantizeConfig, n_items: int, model: Any) -> dict[str, Any]:
     """Keyword arguments shared by ``nncf.quantize`` and ``quantize_with_accuracy_control``."""
     import nncf
 
     ignored = None
-    if config.ignored_names or config.ignored_types or config.ignored_patterns:
+    names = list(dict.fromkeys([*config.ignored_names, *kept_in_float(model, config)]))
+    if names or config.ignored_types or config.ignored_patterns:
         ignored = nncf.IgnoredScope(
-            names=list(config.ignored_names),
+            names=names,
             types=list(config.ignored_types),
             patterns=list(config.ignored_patterns),
             validate=False,

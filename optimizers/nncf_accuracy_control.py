@@ -101,7 +101,7 @@ class NncfInt8AccuracyControl(NncfQuantizer):
                 metric,
                 max_drop=self.config.max_drop,
                 drop_type=nncf.DropType(self.config.drop_type),
-                **nncf_quantize_kwargs(self.config, len(calib)),
+                **nncf_quantize_kwargs(self.config, len(calib), model),
                 advanced_quantization_parameters=nncf_advanced(self.config),
                 advanced_accuracy_restorer_parameters=restorer,
             )

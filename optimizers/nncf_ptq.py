@@ -42,7 +42,7 @@ class NncfInt8(NncfQuantizer):
             quantized = nncf.quantize(
                 model,
                 nncf.Dataset(items),
-                **nncf_quantize_kwargs(self.config, len(items)),
+                **nncf_quantize_kwargs(self.config, len(items), model),
                 advanced_parameters=nncf_advanced(self.config),
             )
         except Exception as e:

@@ -67,6 +67,25 @@ def test_int8_ir_has_fake_quantize_ops(ir_fp32: Variant, variants_workdir: Path)
     assert types.count("FakeQuantize") >= 2
 
 
+@pytest.mark.parametrize(("config", "float_matmul"), [({"keep_first": 1}, 0), ({"keep_last": 1}, 1)])
+def test_int8_keeps_the_first_or_last_compute_ops_in_float(
+    config: dict[str, int], float_matmul: int, ir_fp32: Variant, variants_workdir: Path
+) -> None:
+    int8 = _build("nncf-int8", ir_fp32, variants_workdir, **config)
+    import openvino as ov
+
+    xml = variant_dir(variants_workdir, int8.id) / int8.artifacts["model"].path
+    ordered = ov.Core().read_model(str(xml)).get_ordered_ops()
+    matmuls = [op for op in ordered if op.get_type_name() == "MatMul"]
+    fed_by_fake_quantize = [
+        any(
+            op.input_value(i).get_node().get_type_name() == "FakeQuantize" for i in range(op.get_input_size())
+        )
+        for op in matmuls
+    ]
+    assert fed_by_fake_quantize == [i != float_matmul for i in range(len(matmuls))]
+
+
 def test_int8_refuses_a_scope_that_ignores_everything(ir_fp32: Variant, variants_workdir: Path) -> None:
     with pytest.raises(OptimizationError, match="quantized nothing"):
         _build("nncf-int8", ir_fp32, variants_workdir, ignored_types=("MatMul",))
