@@ -3,10 +3,14 @@
 Both servers run side by side (pinned to the same server CPUs; the idle one costs nothing) and the
 same load level is applied to each in turn, ``repeats`` times, alternating the order (A B, B A, A B,
 ...) so that a slow drift of the machine does not favour either. Each repeat gives one paired
-observation per metric; the difference is the mean of the paired relative differences (B/A − 1),
-with a 95% t-interval over the repeats. Repeats, not requests, are the unit: two runs of the same
-server differ by more than their request-level bootstrap intervals admit, which is how single-run
-comparisons produce false winners.
+observation per metric; the difference is the geometric mean of the paired ratios B/A, minus 1,
+with a 95% t-interval computed over the repeats on the ratios' logarithms. Latencies and throughputs
+differ by factors, so the log scale is the one where repeats spread evenly: a 2x gain and a 2x loss
+are symmetric, swapping A and B mirrors the result, and one repeat at 2.8x next to one at 1.5x does
+not widen the interval past zero as it does for B/A − 1 (seen in CI: ONNX Runtime vs torch-eager,
+p50 ratios 1.55, 2.27, 2.78 over three repeats, "no significant difference" on the linear scale).
+Repeats, not requests, are the unit: two runs of the same server differ by more than their
+request-level bootstrap intervals admit, which is how single-run comparisons produce false winners.
 
 A metric's verdict names a winner only when its interval excludes zero **and** the difference is at
 least ``MIN_EFFECT`` (3%); the overall verdict is p50's.
@@ -39,7 +43,7 @@ class MetricComparison(Frozen):
     """Mean over repeats."""
     b: float
     relative_diff: float
-    """Mean of the paired B/A − 1."""
+    """Geometric mean of the paired B/A, minus 1."""
     ci_low: float
     ci_high: float
     verdict: Verdict
@@ -75,35 +79,48 @@ def metric_value(result: BenchResult, metric: str) -> float:
 
 
 def compare_metric(metric: str, a: list[float], b: list[float]) -> MetricComparison:
-    """Paired relative differences with a 95% t-interval (n − 1 degrees of freedom)."""
+    """Paired ratios B/A with a 95% t-interval (n − 1 degrees of freedom) on their logarithms.
+
+    A pair with a zero side (no successful request) has no logarithm: those metrics fall back to the
+    paired differences B/A − 1 on the linear scale (all-failed B against a serving A is still a clear
+    result); an infinite side (no latency at all) leaves the interval unbounded and no side wins.
+    """
     from scipy import stats
 
     n = len(a)
     if n != len(b) or n < 2:
         raise ValueError("need at least two paired repeats")
-    diffs = [bi / ai - 1.0 if ai > 0 else math.inf for ai, bi in zip(a, b, strict=True)]
-    mean = sum(diffs) / n
-    sd = (
-        math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-        if all(map(math.isfinite, diffs))
-        else math.inf
-    )
-    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-    low, high = mean - half, mean + half
+    t = float(stats.t.ppf(0.975, n - 1))
+    if all(0 < v < math.inf for v in (*a, *b)):
+        mean, half = _mean_and_half_width([math.log(bi / ai) for ai, bi in zip(a, b, strict=True)], t)
+        relative, low, high = math.expm1(mean), math.expm1(mean - half), math.expm1(mean + half)
+    else:
+        diffs = [bi / ai - 1.0 if 0 < ai < math.inf else math.inf for ai, bi in zip(a, b, strict=True)]
+        relative, half = _mean_and_half_width(diffs, t)
+        low, high = (relative - half, relative + half) if math.isfinite(half) else (-math.inf, math.inf)
     lower_is_better = metric != "throughput_rps"
     verdict: Verdict = "no significant difference"
-    if (low > 0 or high < 0) and abs(mean) >= MIN_EFFECT:
+    if (low > 0 or high < 0) and abs(relative) >= MIN_EFFECT:
         b_is_lower = high < 0
         verdict = "B better" if b_is_lower == lower_is_better else "A better"
     return MetricComparison(
         metric=metric,  # type: ignore[arg-type]
         a=sum(a) / n,
         b=sum(b) / n,
-        relative_diff=mean,
+        relative_diff=relative,
         ci_low=low,
         ci_high=high,
         verdict=verdict,
     )
+
+
+def _mean_and_half_width(values: list[float], t: float) -> tuple[float, float]:
+    """The mean and the half-width ``t · sd / √n`` (infinite when a value is not finite)."""
+    n = len(values)
+    mean = sum(values) / n
+    if not all(map(math.isfinite, values)):
+        return mean, math.inf
+    return mean, t * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
 
 
 def summarize(a: Side, b: Side, pairs: list[tuple[BenchResult, BenchResult]]) -> Comparison:
@@ -132,9 +149,9 @@ def render_markdown(c: Comparison) -> str:
     lines = [
         f"# A/B: A = `{c.a}`, B = `{c.b}`",
         "",
-        f"{c.repeats} interleaved repeats of {c.load}. Differences are B relative to A (mean of the paired",
-        "differences, 95% t-interval over repeats); a winner needs the interval to exclude 0 and a",
-        f"difference of at least {MIN_EFFECT:.0%}.",
+        f"{c.repeats} interleaved repeats of {c.load}. Differences are B relative to A (geometric mean",
+        "of the paired ratios B/A, minus 1; 95% t-interval over repeats on the log scale); a winner needs",
+        f"the interval to exclude 0 and a difference of at least {MIN_EFFECT:.0%}.",
         "",
         "| metric | A | B | B vs A | 95% CI | verdict |",
         "|---|---|---|---|---|---|",

@@ -19,6 +19,31 @@ def test_a_consistent_difference_names_the_winner() -> None:
     assert compare_metric("throughput_rps", a, b).verdict == "A better"  # higher throughput wins
 
 
+def test_a_large_difference_that_varies_between_repeats_still_names_the_winner() -> None:
+    # p50 (ms) of ONNX Runtime (A) and torch-eager (B) in three CI repeats: B/A = 1.55, 2.27, 2.78. On the
+    # linear scale (mean of B/A − 1) the interval was [−34%, +274%]: "no significant difference".
+    a, b = [20.72, 14.67, 14.61], [32.10, 33.34, 40.64]
+    m = compare_metric("p50_ms", a, b)
+    assert m.verdict == "A better"
+    assert 0 < m.ci_low < m.relative_diff < m.ci_high
+    assert m.relative_diff == pytest.approx((32.10 / 20.72 * 33.34 / 14.67 * 40.64 / 14.61) ** (1 / 3) - 1)
+
+
+def test_swapping_a_and_b_mirrors_the_result() -> None:
+    a, b = [10.0, 12.0, 9.0, 11.0], [15.0, 16.0, 14.5, 19.0]
+    ab, ba = compare_metric("p50_ms", a, b), compare_metric("p50_ms", b, a)
+    assert (ab.verdict, ba.verdict) == ("A better", "B better")
+    assert (1 + ab.relative_diff) * (1 + ba.relative_diff) == pytest.approx(1.0)
+    assert (1 + ab.ci_low) * (1 + ba.ci_high) == pytest.approx(1.0)
+
+
+def test_a_side_without_successful_requests_loses_on_throughput_and_leaves_latency_open() -> None:
+    throughput = compare_metric("throughput_rps", [50.0, 52.0, 49.0], [0.0, 0.0, 0.0])
+    assert throughput.verdict == "A better" and throughput.relative_diff == pytest.approx(-1.0)
+    latency = compare_metric("p50_ms", [10.0, 11.0, 10.5], [float("inf")] * 3)
+    assert latency.verdict == "no significant difference" and latency.ci_high == float("inf")
+
+
 def test_noise_around_zero_is_no_significant_difference() -> None:
     m = compare_metric("p50_ms", [10.0, 10.5, 9.6, 10.2], [10.3, 9.7, 10.1, 10.0])
     assert m.verdict == "no significant difference"
