@@ -41,14 +41,16 @@ def range_cache(workdir: Path, key: str, ranges: Path) -> Iterator[None]:
     ``quantize_static``) starts as the cached copy when there is a readable one, and becomes the cached
     copy when the block succeeds (written aside, then renamed: never half-written)."""
     cached = workdir / RANGE_CACHE / f"{key}.json"
+    hit = False
     if cached.is_file():
         try:
             json.loads(cached.read_text())
             shutil.copyfile(cached, ranges)
+            hit = True
         except (OSError, ValueError):
             ranges.unlink(missing_ok=True)  # unreadable: calibrate again and replace it
     yield
-    if ranges.is_file():
+    if not hit and ranges.is_file():
         cached.parent.mkdir(parents=True, exist_ok=True)
         partial = cached.with_name(f".{cached.name}.{os.getpid()}.partial")  # builds may run side by side
         shutil.copyfile(ranges, partial)

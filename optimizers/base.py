@@ -34,6 +34,12 @@ class OptimizerConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def first_and_last(names: list[str], first: int, last: int) -> list[str]:
+    """The first ``first`` and the last ``last`` of ``names`` (in order, each once): the layers a
+    quantizer's ``keep_first`` / ``keep_last`` options keep in float."""
+    return list(dict.fromkeys(names[:first] + (names[len(names) - last :] if last else [])))
+
+
 @dataclass(frozen=True)
 class Produced:
     """What :meth:`Optimizer.produce` wrote into the staging directory."""

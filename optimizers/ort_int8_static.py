@@ -18,7 +18,7 @@ from optiserve.types import Variant
 
 from . import _onnx_common as common
 from . import _ort_calibration as calibration
-from .base import OptimizeContext, OptimizerConfig, Produced
+from .base import OptimizeContext, OptimizerConfig, Produced, first_and_last
 
 if TYPE_CHECKING:
     import numpy as np
@@ -131,8 +131,7 @@ class OrtInt8Static(common.OnnxRewrite):
         cfg = self.config
         common.check_node_names(model, cfg.nodes_to_exclude, "ort-int8-static nodes_to_exclude")
         compute = common.compute_nodes(model)
-        keep = set(cfg.nodes_to_exclude) | set(compute[: cfg.keep_first])
-        keep |= set(compute[len(compute) - cfg.keep_last :] if cfg.keep_last else [])
+        keep = set(cfg.nodes_to_exclude) | set(first_and_last(compute, cfg.keep_first, cfg.keep_last))
         keep |= {n.name for n in model.graph.node if n.op_type in cfg.op_types_to_exclude}
         return sorted(keep)
 

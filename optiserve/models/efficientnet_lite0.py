@@ -57,7 +57,7 @@ class EfficientNetLite0(BuiltinModel):
                 "bias_correction_samples": 128,
             },
         ),
-        # The same float layers for NNCF (benchmarks/int8_openvino_efficientnet.py: 91.2% at 1.66x).
+        # The same float layers for NNCF (benchmarks/int8_openvino_efficientnet.py: 91.2% at 1.63x).
         ("nncf-int8", {"keep_first": 3, "keep_last": 1}),
     )
     requires: ClassVar[tuple[str, ...]] = (
