@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from optiserve.deploy.local import LocalDeployment
+from optiserve.deploy.targets.local import LocalTarget
 from optiserve.manifest import variant_dir
 from optiserve.models.resolve import dataset, resolve_model
 from optiserve.optimizers.base import OptimizeContext
@@ -196,7 +196,7 @@ def main() -> int:
             batching = service.batching.model_copy(update={"max_batch_size": args.max_batch_size})
             service = service.model_copy(update={"batching": batching})
         reference = Reference(model, work / "x.npy", args.server_cpu)
-        with LocalDeployment(work, ready_timeout_s=300) as deployment:
+        with LocalTarget(work, ready_timeout_s=300) as deployment:
             endpoint = deployment.start(service, cpus=frozenset({args.server_cpu}))
             path = endpoint.infer_url.removeprefix(endpoint.url)
             host, port = "127.0.0.1", endpoint.service.port or 0

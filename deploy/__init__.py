@@ -1,1 +1,2 @@
-"""Deployment targets: local processes (the default) and, later, Kubernetes through the Helm chart."""
+"""Deployment: targets (local processes, docker containers, Kubernetes), Bentos and images, the chart's
+values and the helm binary."""

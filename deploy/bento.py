@@ -38,6 +38,21 @@ class BuiltBento:
     path: Path
     dockerfile: Path
     requirements: tuple[str, ...]
+    labels: dict[str, str]
+
+
+def bento_labels(spec: ServiceSpec) -> dict[str, str]:
+    """What a Bento (and its image) says about itself: the metrics contract's labels, plus the CPU
+    features an INT8 variant was tuned for."""
+    labels = {
+        "model": spec.variant.model.name,
+        "variant": spec.variant.id,
+        "runtime": spec.runtime,
+        "precision": spec.variant.precision,
+    }
+    if spec.variant.cpu_features:
+        labels["cpu-features"] = ",".join(spec.variant.cpu_features)
+    return labels
 
 
 def bento_name(spec: ServiceSpec) -> str:
@@ -105,7 +120,7 @@ def build_wheel(out_dir: Path) -> Path:
 def build_bento(spec: ServiceSpec, wheel: Path) -> BuiltBento:
     """``bentoml build`` for one served pair; an existing Bento with the same tag is replaced."""
     import bentoml
-    from bentoml._internal.bento.build_config import BentoEnvSchema
+    import yaml
 
     name, version = bento_name(spec), spec.runtime
     requirements = pinned_requirements(spec)
@@ -121,6 +136,29 @@ def build_bento(spec: ServiceSpec, wheel: Path) -> BuiltBento:
         inside = spec.model_copy(update={"variant_dir": spec.variant.id, "port": None, "host": "0.0.0.0"})
         write_model(ctx / SPEC_IN_BENTO, inside)
         shutil.copy2(wheel, ctx / wheel.name)
+        labels = bento_labels(spec)
+        # A bentofile through BentoML's public build_bentofile (its Python API wants internal env types).
+        bentofile = {
+            "service": "service:OptiserveService",
+            "labels": labels,
+            "description": f"optiserve: {spec.variant.id} on {spec.runtime}",
+            "include": ["service.py", "model/**", wheel.name],
+            "envs": [
+                {"name": "OPTISERVE_SERVICE_SPEC", "value": SPEC_IN_BENTO, "stage": "runtime"},
+                {"name": "BENTOML_DO_NOT_TRACK", "value": "true"},
+            ],
+            "python": {
+                "packages": list(requirements),
+                "wheels": [wheel.name],
+                "lock_packages": False,
+                # the CPU build of torch (the default index would pull a multi-GB CUDA one)
+                "extra_index_url": [TORCH_CPU_INDEX]
+                if any(r.startswith("torch==") for r in requirements)
+                else [],
+            },
+            "docker": {"python_version": f"{sys.version_info.major}.{sys.version_info.minor}"},
+        }
+        (ctx / "bentofile.yaml").write_text(yaml.safe_dump(bentofile, sort_keys=False))
         tag = f"{name}:{version}"
         with contextlib.suppress(bentoml.exceptions.NotFound):
             bentoml.bentos.delete(tag)
@@ -130,33 +168,8 @@ def build_bento(spec: ServiceSpec, wheel: Path) -> BuiltBento:
             # bentoml resolves the wheel path against the working directory, and prints notes we don't need
             noise = io.StringIO()
             with contextlib.chdir(ctx), contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
-                bento = bentoml.bentos.build(
-                    "service:OptiserveService",
-                    name=name,
-                    version=version,
-                    labels={
-                        "model": spec.variant.model.name,
-                        "variant": spec.variant.id,
-                        "runtime": spec.runtime,
-                        "precision": spec.variant.precision,
-                    },
-                    description=f"optiserve: {spec.variant.id} on {spec.runtime}",
-                    include=["service.py", "model/**", wheel.name],
-                    envs=[
-                        BentoEnvSchema(name="OPTISERVE_SERVICE_SPEC", value=SPEC_IN_BENTO, stage="runtime"),
-                        BentoEnvSchema(name="BENTOML_DO_NOT_TRACK", value="true"),
-                    ],
-                    python={
-                        "packages": list(requirements),
-                        "wheels": [wheel.name],
-                        "lock_packages": False,
-                        # the CPU build of torch (the default index would pull a multi-GB CUDA one)
-                        "extra_index_url": [TORCH_CPU_INDEX]
-                        if any(r.startswith("torch==") for r in requirements)
-                        else [],
-                    },
-                    docker={"python_version": f"{sys.version_info.major}.{sys.version_info.minor}"},
-                    build_ctx=str(ctx),
+                bento = bentoml.bentos.build_bentofile(
+                    str(ctx / "bentofile.yaml"), name=name, version=version, build_ctx=str(ctx)
                 )
         except OptiserveError:
             raise
@@ -170,7 +183,7 @@ def build_bento(spec: ServiceSpec, wheel: Path) -> BuiltBento:
             else:
                 os.environ["OPTISERVE_SERVICE_SPEC"] = previous
     path = Path(bento.path)
-    return BuiltBento(str(bento.tag), path, path / "env" / "docker" / "Dockerfile", requirements)
+    return BuiltBento(str(bento.tag), path, path / "env" / "docker" / "Dockerfile", requirements, labels)
 
 
 def container_engine() -> tuple[str | None, str]:

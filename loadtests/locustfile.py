@@ -1,9 +1,9 @@
 """Locust users for optiserve. Run only as a subprocess by :mod:`optiserve.loadtests.runner`.
 
 Inputs come from the environment, so the runner controls everything without locust CLI plumbing:
-``OPTISERVE_PAYLOADS`` (Open Inference Protocol binary requests, one JSON line each with the base64
-``body`` and its ``header_length``, sent round-robin), ``OPTISERVE_PATH`` (the infer path) and
-``OPTISERVE_SAMPLES`` (where raw samples are written).
+``OPTISERVE_PAYLOADS`` (Open Inference Protocol requests, one JSON line each with the base64
+``body`` and its binary ``header_length``, null for a plain-JSON request; sent round-robin),
+``OPTISERVE_PATH`` (the infer path) and ``OPTISERVE_SAMPLES`` (where raw samples are written).
 
 Every request becomes one raw sample ``start_epoch_s,latency_ms,ok,error_kind`` in a CSV, written
 when Locust quits (one ``<samples>.part-<pid>`` per Locust process; the runner merges them); the
@@ -26,7 +26,9 @@ with open(os.environ["OPTISERVE_PAYLOADS"], "rb") as _fh:
 PAYLOADS = [
     (
         base64.b64decode(r["body"]),
-        {
+        {"content-type": "application/json"}
+        if r["header_length"] is None
+        else {
             "content-type": "application/octet-stream",
             "Inference-Header-Content-Length": str(r["header_length"]),
         },

@@ -198,11 +198,14 @@ class Generator:
         return start
 
 
-def http_request(host: str, path: str, body: bytes, header_length: int) -> bytes:
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/octet-stream\r\n"
-        f"Inference-Header-Content-Length: {header_length}\r\nContent-Length: {len(body)}\r\n\r\n"
+def http_request(host: str, path: str, body: bytes, header_length: int | None) -> bytes:
+    """One POST; ``header_length`` None: a plain-JSON request, else the binary tensor extension."""
+    kind = (
+        "Content-Type: application/json\r\n"
+        if header_length is None
+        else f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {header_length}\r\n"
     )
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{kind}Content-Length: {len(body)}\r\n\r\n"
     return head.encode() + body
 
 

@@ -34,14 +34,21 @@ from .stats import (
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
 
-def write_payloads(path: Path, samples: np.ndarray, input_name: str, limit: int = 8) -> Path:
-    """Open Inference Protocol infer requests with binary tensor data, one sample each, several distinct
-    ones; one JSON line per request (``body`` base64-encoded, ``header_length``)."""
-    from optiserve.services.oip_codec import encode_request
+def write_payloads(
+    path: Path, samples: np.ndarray, input_name: str, limit: int = 8, *, encoding: str = "binary"
+) -> Path:
+    """Open Inference Protocol infer requests, one sample each, several distinct ones; one JSON line per
+    request (``body`` base64-encoded, ``header_length``: the binary tensor extension's JSON header
+    length, or null for a plain-JSON request)."""
+    from optiserve.services.oip_codec import encode_json_request, encode_request
 
     lines = []
     for i in range(min(limit, len(samples))):
-        body, header_length = encode_request(input_name, samples[i : i + 1])
+        header_length: int | None
+        if encoding == "json":
+            body, header_length = encode_json_request(input_name, samples[i : i + 1]), None
+        else:
+            body, header_length = encode_request(input_name, samples[i : i + 1])
         lines.append(json.dumps({"body": base64.b64encode(body).decode(), "header_length": header_length}))
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

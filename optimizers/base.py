@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from optiserve.errors import ArtifactError, ConfigError
 from optiserve.fsutil import staging_dir
+from optiserve.hardware import int8_cpu_features
 from optiserve.ids import variant_id
 from optiserve.manifest import describe_artifact, load_variant, variant_dir, write_variant
 from optiserve.registry import Plugin
@@ -178,6 +179,9 @@ class Optimizer(Plugin, base=True, package="optiserve.optimizers"):
                 artifacts={name: describe_artifact(out, rel) for name, rel in produced.artifacts.items()},
                 parameters=produced.parameters if produced.parameters is not None else parent.parameters,
                 created_at=dt.datetime.now(dt.UTC),
+                cpu_features=parent.cpu_features
+                if parent.cpu_features is not None
+                else (int8_cpu_features() if produced.precision == "int8" else None),
             )
             write_variant(out, child)
         return child

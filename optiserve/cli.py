@@ -73,6 +73,15 @@ ScenarioOpt = Annotated[
 RateOpt = Annotated[
     str | None, typer.Option("--rate", help="Open-loop rates in req/s, comma-separated: 10,50.")
 ]
+TargetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--target",
+        "-t",
+        help="Where to serve: local (processes, default), docker (the images of `build --containerize`, "
+        "run as the chart's pods) or kubernetes.",
+    ),
+]
 InputShapeOpt = Annotated[
     str | None, typer.Option("--input-shape", help="Per-sample shape for module:callable: 3,224,224.")
 ]
@@ -117,9 +126,11 @@ def _config(
     prometheus_url: str | None = None,
     scenario: str | None = None,
     rates: str | None = None,
+    target: str | None = None,
     preset: dict[str, Any] | None = None,
 ) -> ExperimentConfig:
     overrides: dict[str, Any] = {
+        "serving.target": target,
         "load.scenario": scenario,
         "load.rates": _floats(rates, "--rate"),
         "model.ref": model,
@@ -157,6 +168,7 @@ def run(
     duration: DurationOpt = None,
     warmup: WarmupOpt = None,
     runtime: RuntimeOpt = None,
+    target: TargetOpt = None,
     optimizer: OptimizerOpt = None,
     eval_samples: EvalOpt = None,
     input_shape: InputShapeOpt = None,
@@ -188,6 +200,7 @@ def run(
         input_shape=input_shape,
         scenario=scenario,
         rates=rate,
+        target=target,
         preset=QUICK if quick else None,
         prometheus_url=prometheus_url,
     )
@@ -267,6 +280,7 @@ def serve(
     model: ModelOpt = None,
     workdir: WorkdirOpt = None,
     runtime: RuntimeOpt = None,
+    target: TargetOpt = None,
     input_shape: InputShapeOpt = None,
     variant: VariantOpt = None,
     port: Annotated[
@@ -276,17 +290,20 @@ def serve(
         float | None, typer.Option("--for", help="Stop after this many seconds (default: Ctrl-C).")
     ] = None,
 ) -> None:
-    """Serve variants that `optiserve optimize` produced, one `bentoml serve` process each, until Ctrl-C.
+    """Serve variants that `optiserve optimize` produced until Ctrl-C: one `bentoml serve` process each
+    (or, with --target docker, one container each).
 
     Example: [bold]optiserve serve --model efficientnet-lite0 --runtime onnxruntime[/]
     then [bold]curl -s localhost:PORT/readyz[/]
     """
     from optiserve import pipeline
-    from optiserve.deploy.local import LocalDeployment
+    from optiserve.deploy.targets.base import configured_target
 
-    cfg = _config(config, model=model, workdir=workdir, runtimes=runtime, input_shape=input_shape)
+    cfg = _config(
+        config, model=model, workdir=workdir, runtimes=runtime, input_shape=input_shape, target=target
+    )
     p = _existing_plan(cfg, variant)
-    with LocalDeployment(cfg.workdir, ready_timeout_s=cfg.serving.ready_timeout_s) as deployment:
+    with configured_target(cfg) as deployment:
         table = Table(title="Serving (Ctrl-C stops every server)")
         for col in ("variant", "runtime", "url", "Open Inference Protocol infer path"):
             table.add_column(col)
@@ -312,7 +329,9 @@ def build(
     containerize: Annotated[
         bool,
         typer.Option(
-            "--containerize", help="Also build an OCI image (needs docker, podman, buildah or nerdctl)."
+            "--containerize",
+            help="Also build an image per Bento, <variant id>:<runtime>, on a Debian base image built "
+            "here (needs docker).",
         ),
     ] = False,
 ) -> None:
@@ -326,29 +345,51 @@ def build(
 
     from optiserve import pipeline
     from optiserve.deploy.bento import build_bento, build_wheel
-    from optiserve.deploy.bento import containerize as make_image
 
     cfg = _config(config, model=model, workdir=workdir, runtimes=runtime, input_shape=input_shape)
     p = _existing_plan(cfg, variant)
-    table = Table(title="Bentos")
-    for col in ("bento tag", "runtime", "pinned packages", "Dockerfile"):
+    if containerize:  # before anything is built: no engine is one line, exit 5
+        from optiserve.deploy.engine import require_engine
+
+        require_engine()
+    table = Table(title="Bentos" + (" and images" if containerize else ""))
+    for col in ("bento tag", "runtime", "pinned packages", "image" if containerize else "Dockerfile"):
         table.add_column(col)
-    built = []
-    with (
-        tempfile.TemporaryDirectory(prefix="optiserve-wheel.") as tmp,
-        Steps().task("Building Bentos", total=len(p.pairs) + 1) as advance,
-    ):
-        wheel = build_wheel(Path(tmp))
-        advance()
-        for v, rt in p.pairs:
-            bento = build_bento(pipeline.service_spec(cfg, v, rt), wheel)
-            built.append(bento)
-            table.add_row(bento.tag, rt, str(len(bento.requirements)), str(bento.dockerfile))
+    with tempfile.TemporaryDirectory(prefix="optiserve-wheel.") as tmp:
+        steps = Steps()
+        with steps.task("Building Bentos", total=len(p.pairs) + 1) as advance:
+            wheel = build_wheel(Path(tmp))
             advance()
+            built = []
+            for v, rt in p.pairs:
+                built.append(build_bento(pipeline.service_spec(cfg, v, rt), wheel))
+                advance()
+        if not containerize:
+            for bento in built:
+                table.add_row(
+                    bento.tag, bento.labels["runtime"], str(len(bento.requirements)), str(bento.dockerfile)
+                )
+        else:
+            from optiserve.deploy.images import build_image
+
+            log = cfg.workdir / "images" / "build.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text("")
+            with steps.task(
+                "Building images (the first one also builds the base image)", total=len(built)
+            ) as advance:
+                for bento in built:
+                    advance(0, description=f"docker build {bento.tag}")
+                    image = build_image(bento, wheel, log)
+                    table.add_row(
+                        bento.tag,
+                        bento.labels["runtime"],
+                        str(len(bento.requirements)),
+                        f"{image.tag}  {image.size_bytes / 1e6:.0f} MB  built in {image.build_s:.0f}s"
+                        + (f" (with the base image {image.base})" if image.base_built else ""),
+                    )
+                    advance()
     out.print(table)
-    if containerize:
-        for bento in built:
-            out.print(f"image built: {make_image(bento)}")
 
 
 @app.command()
@@ -360,6 +401,7 @@ def bench(
     duration: DurationOpt = None,
     warmup: WarmupOpt = None,
     runtime: RuntimeOpt = None,
+    target: TargetOpt = None,
     input_shape: InputShapeOpt = None,
     variant: VariantOpt = None,
     scenario: ScenarioOpt = None,
@@ -375,6 +417,25 @@ def bench(
         str, typer.Option("--release", help="With --in-cluster: the Helm release.")
     ] = "optiserve",
     prometheus_url: PrometheusUrlOpt = None,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url",
+            help="Load-test this running Open Inference Protocol v2 server (Triton, KServe, MLServer, ours) "
+            "instead of serving variants; needs --model-name.",
+        ),
+    ] = None,
+    model_name: Annotated[
+        str | None, typer.Option("--model-name", help="With --url: the model's name on that server.")
+    ] = None,
+    encoding: Annotated[
+        str | None,
+        typer.Option(
+            "--encoding",
+            help="Request encoding: binary (the binary tensor extension) or json; with --url, default: "
+            "binary where the server takes it, else json.",
+        ),
+    ] = None,
 ) -> None:
     """Load-test variants that already exist (serve each, drive it with Locust) and write a report.
 
@@ -396,10 +457,22 @@ def bench(
         scenario=scenario,
         rates=rate,
         prometheus_url=prometheus_url,
+        target="url" if url else target,
     )
-    p = _existing_plan(cfg, variant)
+    if encoding is not None:
+        cfg = with_overrides(cfg, {"load.encoding": encoding})
+    if url:
+        if not model_name:
+            raise ConfigError("--url needs --model-name: the model's name on that server")
+        cfg = with_overrides(cfg, {"serving.url": url})
+        p, chosen = pipeline.remote_plan(
+            cfg, url, model_name, explicit_model=model is not None or config is not None
+        )
+        cfg = with_overrides(cfg, {"load.encoding": encoding or chosen})
+    else:
+        p = _existing_plan(cfg, variant)
     if in_cluster:  # before anything is written
-        from optiserve.k8s import require_cluster
+        from optiserve.deploy.k8s import require_cluster
 
         require_cluster()
     run_dir = pipeline.new_run_dir(cfg.workdir)
@@ -430,6 +503,7 @@ def compare(
     config: Annotated[Path | None, typer.Option("--config", help="Experiment YAML file.")] = None,
     model: ModelOpt = None,
     workdir: WorkdirOpt = None,
+    target: TargetOpt = None,
     concurrency: ConcurrencyOpt = None,
     duration: DurationOpt = None,
     warmup: WarmupOpt = None,
@@ -458,6 +532,7 @@ def compare(
         input_shape=input_shape,
         scenario=scenario,
         rates=rate,
+        target=target,
     )
     p = _existing_plan(cfg, None)
     variants = {v.id: v for v in p.variants}
@@ -616,7 +691,8 @@ def deploy(
 
     Example: [bold]optiserve deploy -m efficientnet-lite0 --image-repository registry.example.com/ml[/]
     """
-    from optiserve import k8s, pipeline
+    from optiserve import pipeline
+    from optiserve.deploy import k8s
 
     cfg = _config(config, model=model, workdir=workdir, runtimes=runtime, input_shape=input_shape)
     p = _existing_plan(cfg, variant)
@@ -657,7 +733,7 @@ def undeploy(
 
     Example: [bold]optiserve undeploy --release optiserve --namespace ml[/]
     """
-    from optiserve import k8s
+    from optiserve.deploy import k8s
 
     k8s.require_cluster()
     k8s.uninstall(k8s.Target(release=release, namespace=namespace))
@@ -668,7 +744,7 @@ def _loadgen_payloads(cfg: ExperimentConfig, spec: Any, samples: int = 8) -> str
     """OIP requests for the chart's in-cluster load generator: the samples `optiserve bench` sends."""
     import tempfile
 
-    from optiserve.k8s import loadgen_payloads
+    from optiserve.deploy.k8s import loadgen_payloads
     from optiserve.loadtests.runner import write_payloads
     from optiserve.models.resolve import dataset
 
@@ -680,6 +756,7 @@ def _loadgen_payloads(cfg: ExperimentConfig, spec: Any, samples: int = 8) -> str
 
 def _check_plugins(cfg: ExperimentConfig) -> None:
     """Unknown optimizer/runtime/scenario names are config errors, caught before any work."""
+    from optiserve.deploy.targets.base import Target
     from optiserve.loadtests.scenarios.base import Scenario
     from optiserve.optimizers.base import Optimizer
     from optiserve.services.runtimes.base import Runtime
@@ -689,6 +766,7 @@ def _check_plugins(cfg: ExperimentConfig) -> None:
     for name in cfg.serving.runtimes or ():
         Runtime.get(name)
     Scenario.get(cfg.load.scenario)
+    Target.get(cfg.serving.target)
 
 
 def _existing_plan(cfg: ExperimentConfig, variant_ids: list[str] | None) -> Any:
@@ -720,8 +798,8 @@ def _in_cluster_result(cfg: ExperimentConfig, p: Any, run_dir: Path, release: st
     import yaml
 
     from optiserve import pipeline
-    from optiserve.incluster import collect, started_at
-    from optiserve.k8s import require_cluster
+    from optiserve.deploy.incluster import collect, started_at
+    from optiserve.deploy.k8s import require_cluster
     from optiserve.loadtests.runner import result_from_samples
     from optiserve.types import Endpoint, LoadSpec
 

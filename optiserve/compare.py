@@ -178,7 +178,7 @@ def run_comparison(
     import os
 
     from optiserve.config import cpu_split
-    from optiserve.deploy.local import LocalDeployment
+    from optiserve.deploy.targets.base import configured_target
     from optiserve.loadtests.runner import level_stem, run_level, write_payloads
     from optiserve.manifest import write_model
     from optiserve.models.resolve import dataset
@@ -200,7 +200,7 @@ def run_comparison(
     pairs: list[tuple[BenchResult, BenchResult]] = []
     with (
         steps.task("A/B repeats", total=2 + 2 * repeats) as advance,
-        LocalDeployment(config.workdir, ready_timeout_s=config.serving.ready_timeout_s) as deployment,
+        configured_target(config) as deployment,
     ):
         sides = (a, b)
         endpoints = []

@@ -39,6 +39,11 @@ class OptimizerEntry(Strict):
 class ServingConfig(Strict):
     runtimes: tuple[str, ...] | None = None
     """Runtimes to serve with; default: every available runtime that accepts each variant's format."""
+    target: str = "local"
+    """Where variants are served: ``local`` (processes), ``docker`` (their images, run as the chart's
+    pods) or ``kubernetes``; see optiserve.deploy.targets. ``url``: a running server (``serving.url``)."""
+    url: str | None = Field(default=None, pattern=r"^https?://\S+$")
+    """An Open Inference Protocol server to load-test instead of serving variants (``bench --url``)."""
     batching: BatchingSpec = BatchingSpec()
     threads: ThreadSpec = ThreadSpec()
     ready_timeout_s: float = Field(default=300.0, gt=0)
@@ -70,6 +75,8 @@ class LoadConfig(Strict):
     """Open loop: evenly spaced sends, or a Poisson process at the same mean rate."""
     slo_ms: float = Field(default=100.0, gt=0)
     """The p99 bound for the SLO search and for cost at the maximum throughput that meets it."""
+    encoding: Literal["binary", "json"] = "binary"
+    """How load-test requests carry tensors: the binary tensor extension, or the protocol's plain JSON."""
     scenario_options: dict[str, Any] = Field(default_factory=dict)
     """Further settings of the chosen scenario (e.g. slo-search: max_rate, steps; spike: spike_rate)."""
     locust_processes: int = Field(default=1, ge=1, le=64)
@@ -108,6 +115,15 @@ class CostConfig(Strict):
     """A YAML price table that replaces or adds instance types (see optiserve/data/prices.yaml)."""
 
 
+class KubernetesConfig(Strict):
+    """Settings of the ``kubernetes`` target (``serving.target: kubernetes``)."""
+
+    namespace: str = "default"
+    image_repository: str = ""
+    """Registry prefix the cluster pulls the images from: ``<repository>/<variant id>:<runtime>``."""
+    release_prefix: str = "optiserve"
+
+
 class ExperimentConfig(Strict):
     model: ModelConfig = ModelConfig()
     workdir: Path = Path("optiserve-work")
@@ -119,6 +135,7 @@ class ExperimentConfig(Strict):
     calibration: CalibrationConfig = CalibrationConfig()
     eval: EvalConfig = EvalConfig()
     cost: CostConfig = CostConfig()
+    kubernetes: KubernetesConfig = KubernetesConfig()
 
 
 def _describe(error: Any, model: type[BaseModel]) -> str:

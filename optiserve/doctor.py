@@ -12,6 +12,7 @@ Row = tuple[str, str, bool, str]
 
 
 def plugin_rows() -> list[Row]:
+    from optiserve.deploy.targets.base import Target
     from optiserve.loadtests.scenarios.base import Scenario
     from optiserve.models.base import BuiltinModel
     from optiserve.optimizers.base import Optimizer
@@ -23,6 +24,7 @@ def plugin_rows() -> list[Row]:
         ("optimizer", Optimizer),
         ("runtime", Runtime),
         ("scenario", Scenario),
+        ("target", Target),
     ):
         for name, cls in base.registry().items():
             avail = cls.availability()

@@ -62,6 +62,18 @@ def int8_dot_product_saturates() -> bool:
     return not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
 
 
+INT8_FEATURES = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")
+"""The x86 features that decide how (and how accurately) INT8 kernels run."""
+
+
+def int8_cpu_features() -> tuple[str, ...]:
+    """Which of :data:`INT8_FEATURES` this CPU has (empty off x86)."""
+    if platform.machine().lower() not in {"x86_64", "amd64", "i686", "x86"}:
+        return ()
+    flags = cpu_flags()
+    return tuple(f for f in INT8_FEATURES if f in flags)
+
+
 @functools.cache
 def cuda_available() -> tuple[bool, str]:
     """(ok, reason). Checked without importing torch: nvidia-smi must list a GPU."""

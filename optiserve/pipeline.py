@@ -149,6 +149,24 @@ def plan(config: ExperimentConfig, spec: ModelSpec, variants: list[Variant], ski
     return result
 
 
+def remote_plan(
+    config: ExperimentConfig, url: str, model_name: str, *, explicit_model: bool
+) -> tuple[Plan, str]:
+    """(the plan for load-testing a running OIP server, the request encoding it takes).
+
+    ``explicit_model``: the user named a model of ours (``-m``) whose inputs match the server's; its real
+    data become the payloads. Otherwise the server's metadata shape the (seeded, synthetic) payloads."""
+    from optiserve.deploy.targets.url import describe_remote, probe_encoding, runtime_label
+    from optiserve.models.resolve import dataset
+
+    local = resolve(config) if explicit_model else None
+    variant = describe_remote(url, model_name, local)
+    inputs, _ = dataset(variant.model, "eval", 1)
+    encoding = probe_encoding(url, model_name, variant.model.inputs[0].name, inputs[:1])
+    runtime = runtime_label(url, model_name)
+    return Plan(spec=variant.model, variants=[variant], pairs=[(variant, runtime)]), encoding
+
+
 def reference_pair(p: Plan) -> tuple[Variant, str]:
     """The FP32 source variant on its first runtime: what every other pair is compared with."""
     source = next(v for v in p.variants if v.parent_id is None)
@@ -232,7 +250,7 @@ def bench(config: ExperimentConfig, p: Plan, run_dir: Path, steps: Steps) -> lis
     import os
 
     from optiserve.config import cpu_split
-    from optiserve.deploy.local import LocalDeployment
+    from optiserve.deploy.targets.base import configured_target
     from optiserve.loadtests.runner import generator_capacity, level_stem, run_level, write_payloads
     from optiserve.models.resolve import dataset
     from optiserve.prometheus import measurement_source, result_window, server_side_stats
@@ -244,7 +262,11 @@ def bench(config: ExperimentConfig, p: Plan, run_dir: Path, steps: Steps) -> lis
     )
     inputs, _ = dataset(p.spec, "eval", config.load.payload_samples)
     payloads = write_payloads(
-        run_dir / "payloads.jsonl", inputs, p.spec.inputs[0].name, limit=config.load.payload_samples
+        run_dir / "payloads.jsonl",
+        inputs,
+        p.spec.inputs[0].name,
+        limit=config.load.payload_samples,
+        encoding=config.load.encoding,
     )
     samples_dir = run_dir / "samples"
     samples_dir.mkdir(parents=True, exist_ok=True)
@@ -259,17 +281,30 @@ def bench(config: ExperimentConfig, p: Plan, run_dir: Path, steps: Steps) -> lis
         steps.task("Serving and load testing", total=total) as advance,
         # Stopped after the servers (the with block unwinds in reverse).
         measurement_source(config.load.prometheus_url, run_dir, cpus=generator_cpus) as source,
-        LocalDeployment(config.workdir, ready_timeout_s=config.serving.ready_timeout_s) as deployment,
+        configured_target(config) as deployment,
     ):
         atomic_write_text(run_dir / "measurement.txt", source.description + "\n")
         for variant, runtime in p.pairs:
             name = f"{variant.id}.{runtime}"
             advance(0, description=f"Starting {name}")
             endpoint = deployment.start(service_spec(config, variant, runtime), cpus=server_cpus)
-            source.add_target(endpoint)
+            server_metrics = deployment.has_server_metrics(endpoint)
+            if server_metrics:
+                source.add_target(endpoint)
+            else:
+                atomic_write_text(
+                    run_dir / "measurement.txt",
+                    f"client-side only: {endpoint.url} does not expose optiserve's metrics contract\n",
+                )
             advance(1)
 
-            def drive(load: LoadSpec, endpoint: Endpoint = endpoint, name: str = name) -> BenchResult:
+            def drive(
+                load: LoadSpec,
+                endpoint: Endpoint = endpoint,
+                name: str = name,
+                server_metrics: bool = server_metrics,
+            ) -> BenchResult:
+                load = load.model_copy(update={"encoding": config.load.encoding})
                 shape = f"{load.rate_rps:g} req/s" if load.load_model == "open" else f"{load.users} users"
                 advance(0, description=f"{name}: {shape} for {load.warmup_s + load.duration_s:.0f}s")
                 result = run_level(
@@ -282,15 +317,16 @@ def bench(config: ExperimentConfig, p: Plan, run_dir: Path, steps: Steps) -> lis
                     capacity_rps=capacity,
                     processes=config.load.locust_processes,
                 )
-                server = server_side_stats(source, endpoint, *result_window(result), idle_after=True)
-                result = result.model_copy(update={"server": server})
+                if server_metrics:
+                    server = server_side_stats(source, endpoint, *result_window(result), idle_after=True)
+                    result = result.model_copy(update={"server": server})
                 write_model(run_dir / "bench" / f"{level_stem(endpoint, load)}.json", result)
                 results.append(result)
                 advance(1)
                 return result
 
             scenario.run(drive)
-            deployment.stop(name)
+            deployment.stop(endpoint)
     return results
 
 

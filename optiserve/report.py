@@ -123,6 +123,8 @@ def _cells(row: ReportRow, key: LevelKey) -> tuple[str, str, str]:
 
 
 def _mb(n: int) -> str:
+    if n == 0:  # a model served elsewhere (bench --url): no artifact here
+        return "–"
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
@@ -163,6 +165,25 @@ def _costs(row: ReportRow, sep: str = "\n") -> str:
     return "– (not load-tested)" if not row.results else "– (no level met the p99 SLO without errors)"
 
 
+SERVED_BY = {
+    "local": "one local `bentoml serve` process per variant",
+    "docker": "one container per variant (its image, run with the chart's pod settings)",
+    "kubernetes": "one Helm release per variant on Kubernetes (through kubectl port-forward)",
+    "url": "a server named by URL",
+}
+
+
+def _encoding_words(report: Report) -> str:
+    encodings = dict.fromkeys(r.load.encoding for row in report.rows for r in row.results) or {"binary": None}
+    return " and ".join("binary tensors" if e == "binary" else "JSON tensors" for e in encodings)
+
+
+def _served_by(report: Report) -> str:
+    """Which deployment targets served the results, in words."""
+    targets = dict.fromkeys(r.endpoint.target for row in report.rows for r in row.results)
+    return "; ".join(SERVED_BY[t] for t in targets) or SERVED_BY["local"]
+
+
 def render_markdown(report: Report) -> str:
     levels = concurrencies(report)
     head = ["variant", "runtime", "precision", "size", "accuracy vs FP32"]
@@ -174,7 +195,7 @@ def render_markdown(report: Report) -> str:
         f"# optiserve report: {report.model}",
         "",
         f"Created {report.created_at:%Y-%m-%d %H:%M:%S} UTC. Load: {_load_words(report)} over HTTP (Open "
-        "Inference Protocol, binary tensors) against one local `bentoml serve` process per variant; warm-up "
+        f"Inference Protocol, {_encoding_words(report)}) against {_served_by(report)}; warm-up "
         "excluded. Accuracy: in-process, against the FP32 source model on held-out inputs.",
         "",
         "| " + " | ".join(head) + " |",

@@ -15,9 +15,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 DType = Literal["float32", "float16", "int64", "int32", "uint8"]
-ArtifactFormat = Literal["torch", "onnx", "openvino", "tensorrt"]
+ArtifactFormat = Literal["torch", "onnx", "openvino", "tensorrt", "external"]
+"""``external``: a model served by a server we did not start (``bench --url``); no artifact here."""
 Precision = Literal["fp32", "fp16", "int8"]
-ModelSource = Literal["builtin", "onnx", "torch-callable"]
+ModelSource = Literal["builtin", "onnx", "torch-callable", "remote"]
 Task = Literal["image-classification", "text-embedding", "generic"]
 
 
@@ -76,6 +77,9 @@ class ModelSpec(Frozen):
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...] = ()
     sha256: str | None = Field(default=None, description="of the source file, when there is one")
+    labels: tuple[str, ...] | None = None
+    """Class names of a classifier's outputs, baked in when the model is resolved, so a server reports
+    the names the model was trained with, not those of whatever dataset package it finds."""
 
 
 class Artifact(Frozen):
@@ -102,6 +106,10 @@ class Variant(Frozen):
     artifacts: dict[str, Artifact]
     parameters: int | None = None
     created_at: _dt.datetime
+    cpu_features: tuple[str, ...] | None = None
+    """INT8 variants: the x86 features of the CPU they were calibrated and tuned on that decide how INT8
+    runs (``avx2``, ``avx512_vnni``, ``avx_vnni``, ``amx_int8``); the chart pins them to nodes that
+    have them. None for float variants."""
 
     @property
     def size_bytes(self) -> int:
@@ -203,7 +211,7 @@ class ServiceSpec(Frozen):
 class Endpoint(Frozen):
     service: ServiceSpec
     url: str
-    target: Literal["local", "kubernetes"] = "local"
+    target: Literal["local", "docker", "kubernetes", "url"] = "local"
 
     @property
     def predict_url(self) -> str:
@@ -230,6 +238,8 @@ class LoadSpec(Frozen):
     """Open loop: evenly spaced sends, or exponential gaps (a Poisson process) at the same mean rate."""
     profile: tuple[tuple[float, float], ...] = ()
     """Open loop, optional: (seconds, rate) segments after the warm-up (ramp, spike); else ``rate_rps``."""
+    encoding: Literal["binary", "json"] = "binary"
+    """How requests carry tensors: the binary tensor extension, or the protocol's plain JSON."""
 
 
 class MachineInfo(Frozen):

@@ -81,7 +81,8 @@ class ServingCore:
             metrics=self.metrics,
         )
         self.ready = False
-        self.labels = self.builtin.labels() if self.builtin else None
+        # The names baked into the variant (never the serving machine's dataset packages).
+        self.labels = list(self.model.labels) if self.model.labels else None
 
     @property
     def names(self) -> tuple[str, ...]:

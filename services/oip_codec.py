@@ -299,6 +299,24 @@ def _le_bytes(array: np.ndarray | None) -> bytes:
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
 
+def encode_json_request(name: str, array: np.ndarray) -> bytes:
+    """A plain-JSON infer request for one tensor (the protocol's default encoding, which every server
+    takes; outputs asked for as JSON too)."""
+    return json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": name,
+                    "shape": list(array.shape),
+                    "datatype": OIP_DATATYPES_BY_NUMPY[str(array.dtype)],
+                    "data": array.reshape(-1).tolist(),
+                }
+            ]
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
 def encode_request(name: str, array: np.ndarray, *, binary_output: bool = True) -> tuple[bytes, int]:
     """A binary-extension infer request for one tensor: (body, JSON header length)."""
     import numpy as np

@@ -1,7 +1,7 @@
 """The one generic BentoML service: any variant, any runtime, chosen by a ServiceSpec file.
 
 ``bentoml serve optiserve.services.service:OptiserveService`` with ``OPTISERVE_SERVICE_SPEC`` pointing
-at a ``service.json`` (written by :mod:`optiserve.deploy.local` or baked into a Bento). Endpoints:
+at a ``service.json`` (written by :mod:`optiserve.deploy.targets.local` or baked into a Bento). Endpoints:
 
 - ``POST /predict`` (BentoML-native): ``{"inputs": [[...], ...]}`` → the model's first output;
 - the Open Inference Protocol v2 and the raw-input routes of :mod:`optiserve.services.oip`;

@@ -17,7 +17,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from optiserve.deploy.local import LocalDeployment
+from optiserve.deploy.targets.local import LocalTarget
 from optiserve.manifest import variant_dir
 from optiserve.models.resolve import resolve_model
 from optiserve.optimizers.base import Optimizer
@@ -232,5 +232,5 @@ def service_spec(variant: Variant, workdir: Path, runtime: str) -> ServiceSpec:
 @pytest.fixture(scope="session")
 def mlp_endpoint(onnx_source: Variant, variants_workdir: Path) -> Iterator[Endpoint]:
     """A real `bentoml serve` process for the ONNX MLP on onnxruntime, for the whole session."""
-    with LocalDeployment(variants_workdir, ready_timeout_s=120) as deployment:
+    with LocalTarget(variants_workdir, ready_timeout_s=120) as deployment:
         yield deployment.start(service_spec(onnx_source, variants_workdir, "onnxruntime"))

@@ -39,8 +39,12 @@ def resolve_model(
 ) -> ModelSpec:
     builtins = BuiltinModel.registry()
     if ref in builtins:
-        builtins[ref].require_available()
-        return builtins[ref].spec()
+        model = builtins[ref]
+        model.require_available()
+        spec = model.spec()
+        if spec.labels is None and model.labels() is not None:
+            spec = spec.model_copy(update={"labels": tuple(model.labels() or ())})
+        return spec
     if ref.endswith(".onnx") or Path(ref).is_file() or "/" in ref:
         return _onnx_spec(Path(ref), name, input_shape)
     if _CALLABLE.match(ref):

@@ -35,8 +35,8 @@ def unavailable(reason: str) -> None:
 
 @pytest.fixture(scope="session")
 def helm() -> Path:
+    from optiserve.deploy.helm import find_helm
     from optiserve.errors import PluginUnavailable
-    from optiserve.helm import find_helm
 
     try:
         return find_helm()

@@ -439,7 +439,7 @@ def test_find_helm_extracts_the_bundled_binary(monkeypatch: pytest.MonkeyPatch, 
     import importlib.metadata as md
     import subprocess
 
-    from optiserve import helm as helm_mod
+    from optiserve.deploy import helm as helm_mod
 
     try:
         md.distribution(helm_mod.HELM_DIST)
@@ -460,7 +460,7 @@ def test_find_helm_extracts_the_bundled_binary(monkeypatch: pytest.MonkeyPatch, 
 
 
 def test_find_helm_without_any_helm_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from optiserve import helm as helm_mod
+    from optiserve.deploy import helm as helm_mod
     from optiserve.errors import PluginUnavailable
 
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from optiserve.incluster import merge_samples, samples_from_log, started_at
+from optiserve.deploy.incluster import merge_samples, samples_from_log, started_at
 from optiserve.loadtests.stats import read_samples
 from tests.conftest import MLP_CALLABLE, error_lines, run_cli
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from optiserve.config import ExperimentConfig, with_overrides
-from optiserve.deploy.local import LocalDeployment
+from optiserve.deploy.targets.local import LocalTarget
 from optiserve.errors import ConfigError, LoadTestError
 from optiserve.metrics import LATENCY_BUCKETS_S
 from optiserve.procs import free_port
@@ -117,10 +117,10 @@ def served(
     """
     home = tmp_path_factory.mktemp("bentoml-home")
     with (
-        LocalDeployment(tmp_path_factory.mktemp("serve"), ready_timeout_s=120) as deployment,
+        LocalTarget(tmp_path_factory.mktemp("serve"), ready_timeout_s=120) as deployment,
         pytest.MonkeyPatch.context() as env,
     ):
-        env.setenv("BENTOML_HOME", str(home))  # read by LocalDeployment.start, for the server only
+        env.setenv("BENTOML_HOME", str(home))  # read by LocalTarget.start, for the server only
         endpoint = deployment.start(service_spec(onnx_source, variants_workdir, "onnxruntime"))
         env.undo()
         yield endpoint

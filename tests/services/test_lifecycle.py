@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from optiserve.deploy.local import LocalDeployment
+from optiserve.deploy.targets.local import LocalTarget
 from optiserve.models.resolve import resolve_model
 from optiserve.optimizers.source import materialize_source
 from optiserve.types import Endpoint
@@ -23,13 +23,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def slow_server(tmp_path: Path) -> Iterator[tuple[LocalDeployment, Endpoint]]:
+def slow_server(tmp_path: Path) -> Iterator[tuple[LocalTarget, Endpoint]]:
     variant = materialize_source(resolve_model("tests.tiny_models:slow_mlp", input_shape=(N_IN,)), tmp_path)
-    with LocalDeployment(tmp_path, ready_timeout_s=120) as deployment:
+    with LocalTarget(tmp_path, ready_timeout_s=120) as deployment:
         yield deployment, deployment.start(service_spec(variant, tmp_path, "torch-eager"))
 
 
-def test_ready_only_after_warm_up_inferences(slow_server: tuple[LocalDeployment, Endpoint]) -> None:
+def test_ready_only_after_warm_up_inferences(slow_server: tuple[LocalTarget, Endpoint]) -> None:
     _, endpoint = slow_server
     log = (Path(endpoint.service.variant_dir).parents[1] / "services").glob("*/server.log")
     text = next(log).read_text()
@@ -41,7 +41,7 @@ def test_ready_only_after_warm_up_inferences(slow_server: tuple[LocalDeployment,
     assert float(line.rsplit(" ", 1)[1]) >= 12 * SLOW_S
 
 
-def test_sigterm_drains_the_requests_in_flight(slow_server: tuple[LocalDeployment, Endpoint]) -> None:
+def test_sigterm_drains_the_requests_in_flight(slow_server: tuple[LocalTarget, Endpoint]) -> None:
     deployment, endpoint = slow_server
     (proc,) = deployment._procs.values()
     x = random_inputs(1).tolist()

@@ -12,7 +12,7 @@ import pytest
 import torch
 import tritonclient.http as triton
 
-from optiserve.deploy.local import LocalDeployment
+from optiserve.deploy.targets.local import LocalTarget
 from optiserve.models.base import BuiltinModel
 from optiserve.models.resolve import resolve_model
 from optiserve.optimizers.source import materialize_source
@@ -35,7 +35,7 @@ def photo(name: str, fmt: str) -> bytes:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Endpoint]]:
     """efficientnet-lite0 and minilm-l6 on torch-eager (no export needed), one server each."""
     work = tmp_path_factory.mktemp("raw")
-    with LocalDeployment(work, ready_timeout_s=300) as deployment:
+    with LocalTarget(work, ready_timeout_s=300) as deployment:
         out = {}
         for name in ("efficientnet-lite0", "minilm-l6"):
             variant = materialize_source(resolve_model(name), work)

@@ -1,4 +1,4 @@
-"""The BentoML service, started for real by LocalDeployment, answering HTTP."""
+"""The BentoML service, started for real by LocalTarget, answering HTTP."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from optiserve.deploy.local import LocalDeployment
+from optiserve.deploy.targets.local import LocalTarget
 from optiserve.errors import ServingError
 from optiserve.manifest import variant_dir
 from optiserve.types import Endpoint, Variant
@@ -71,7 +71,7 @@ def test_leaving_the_with_block_stops_every_server_process(
     onnx_source: Variant, variants_workdir: Path, tmp_path: Path
 ) -> None:
     workdir = tmp_path / "work"  # the server's own folder (service.json, server.log) goes here
-    with LocalDeployment(workdir, ready_timeout_s=120) as deployment:
+    with LocalTarget(workdir, ready_timeout_s=120) as deployment:
         endpoint = deployment.start(service_spec(onnx_source, variants_workdir, "onnxruntime"))
         needles = service_needles(workdir, endpoint.service.port or 0)
         running = processes_mentioning(*needles)
@@ -94,7 +94,7 @@ def test_a_variant_modified_after_optimizing_fails_fast_with_a_serving_error(
     workdir = tmp_path / "work"
     started = time.monotonic()
     with (
-        LocalDeployment(workdir, ready_timeout_s=120) as deployment,
+        LocalTarget(workdir, ready_timeout_s=120) as deployment,
         pytest.raises(ServingError, match="sha256"),
     ):
         deployment.start(service_spec(onnx_source, tmp_path, "onnxruntime"))

@@ -129,6 +129,26 @@ def baked_spec(spec: ServiceSpec) -> ServiceSpec | None:
         return None
 
 
+VNNI_CLASS = ("avx512_vnni", "avx_vnni", "amx_int8")
+"""CPU features whose INT8 dot products accumulate in int32 (no u8×s8 saturation)."""
+NFD_NAMES = {"avx2": "AVX2", "avx512_vnni": "AVX512VNNI", "avx_vnni": "AVXVNNI", "amx_int8": "AMXINT8"}
+"""/proc/cpuinfo flag → node-feature-discovery's ``feature.node.kubernetes.io/cpu-cpuid.<NAME>`` label."""
+
+
+def node_cpu_features(spec: ServiceSpec) -> list[str]:
+    """The NFD CPU features a node needs (any one of them) to run an INT8 variant as it was tuned.
+
+    Tuned on a VNNI-class CPU (full 8-bit weights): a node without one saturates its u8×s8 products and
+    loses accuracy, so any VNNI-class feature is required. Tuned without (7-bit weights): it runs right
+    everywhere; AVX2, what it was tuned for, is required. Float variants: nothing."""
+    tuned = spec.variant.cpu_features
+    if not tuned:
+        return []
+    if any(f in VNNI_CLASS for f in tuned):
+        return [NFD_NAMES[f] for f in VNNI_CLASS]
+    return [NFD_NAMES[f] for f in tuned if f in NFD_NAMES]
+
+
 def variant_values(
     spec: ServiceSpec, name: str, repository: str, baked: ServiceSpec | None = None
 ) -> dict[str, Any]:
@@ -146,6 +166,9 @@ def variant_values(
     if gpus:
         entry["gpu"] = gpus
         entry["gpuResource"] = gpu_name
+    features = node_cpu_features(spec)
+    if features:
+        entry["cpuFeatures"] = features
     override = spec_override(spec, baked)
     if override:
         entry["serviceSpec"] = override
@@ -305,7 +328,7 @@ def _helm(
     args: Sequence[str], *, timeout: float, what: str, error: type[OptiserveError] = ServingError
 ) -> str:
     """Run helm; its failure becomes one line (helm's error lines) naming what was attempted."""
-    from optiserve.helm import find_helm
+    from optiserve.deploy.helm import find_helm
 
     cmd = [str(find_helm()), *args]
     try:

@@ -1,7 +1,5 @@
-"""The local target: one ``bentoml serve`` process per variant on this machine.
-
-:class:`LocalDeployment` is a context manager: whatever happens inside it (success, an error, Ctrl-C),
-every server it started is stopped, with its whole process group, before it exits.
+"""The local target (the default): one ``bentoml serve`` process per variant on this machine, pinned to
+the CPUs it is given; stopping it stops its whole process group (SIGTERM drains, then SIGKILL).
 """
 
 from __future__ import annotations
@@ -10,8 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Self
+from typing import Any, ClassVar
 
 import httpx
 
@@ -20,24 +17,21 @@ from optiserve.manifest import write_model
 from optiserve.procs import free_port, spawn, stop_group, tail
 from optiserve.types import Endpoint, ServiceSpec
 
+from .base import Target, startup_failed
+
 SERVICE_IMPORT = "optiserve.services.service:OptiserveService"
-STARTUP_FAILED = b"Application startup failed"
-"""Logged (by uvicorn) when the service's __init__ raised; BentoML then restarts the worker forever."""
 
 
-class LocalDeployment:
-    def __init__(self, workdir: Path, *, ready_timeout_s: float = 300.0) -> None:
-        self.workdir = workdir
-        self.ready_timeout_s = ready_timeout_s
+class LocalTarget(Target):
+    name: ClassVar[str] = "local"
+    description: ClassVar[str] = "one `bentoml serve` process per variant on this machine"
+    requires: ClassVar[tuple[str, ...]] = ("bentoml",)
+    extra: ClassVar[str] = "serve"
+
+    def __init__(self, workdir: Path, *, ready_timeout_s: float = 300.0, **options: Any) -> None:
+        super().__init__(workdir, ready_timeout_s=ready_timeout_s)
         self._procs: dict[str, object] = {}
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop_all()
+        self._names: dict[str, str] = {}  # endpoint URL → process name
 
     def start(self, spec: ServiceSpec, cpus: frozenset[int] | None = None) -> Endpoint:
         """Start a server for ``spec`` (on ``cpus`` only, when given) and return once it answers
@@ -76,6 +70,7 @@ class LocalDeployment:
         self._procs[name] = proc
         url = f"http://{spec.host}:{port}"
         self._wait_ready(name, url, log)
+        self._names[url] = name
         return Endpoint(service=spec, url=url, target="local")
 
     def _wait_ready(self, name: str, url: str, log: Path) -> None:
@@ -84,12 +79,12 @@ class LocalDeployment:
         with httpx.Client(timeout=2.0) as client:
             while time.monotonic() < deadline:
                 if proc.poll() is not None:  # type: ignore[attr-defined]
-                    self.stop(name)
+                    self._stop_name(name)
                     raise ServingError(
                         f"server for {name} exited during start-up; last lines of {log}:\n{tail(log)}"
                     )
                 if _startup_failed(log):
-                    self.stop(name)
+                    self._stop_name(name)
                     raise ServingError(
                         f"server for {name} failed to initialise; last lines of {log}:\n{tail(log)}"
                     )
@@ -99,23 +94,33 @@ class LocalDeployment:
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.25)
-        self.stop(name)
+        self._stop_name(name)
         raise ServingError(
             f"server for {name} not ready after {self.ready_timeout_s:.0f}s; see {log}:\n{tail(log)}"
         )
 
-    def stop(self, name: str) -> None:
+    def stop(self, endpoint: Endpoint) -> None:
+        name = self._names.pop(endpoint.url, None)
+        if name is not None:
+            self._stop_name(name)
+
+    def process(self, endpoint: Endpoint) -> object:
+        """The server process of ``endpoint`` (tests signal it directly)."""
+        return self._procs[self._names[endpoint.url]]
+
+    def _stop_name(self, name: str) -> None:
         proc = self._procs.pop(name, None)
         if proc is not None:
             stop_group(proc)  # type: ignore[arg-type]
 
     def stop_all(self) -> None:
         for name in list(self._procs):
-            self.stop(name)
+            self._stop_name(name)
+        self._names.clear()
 
 
 def _startup_failed(log: Path) -> bool:
     try:
-        return STARTUP_FAILED in log.read_bytes()
+        return startup_failed(log.read_text(errors="replace"))
     except OSError:
         return False

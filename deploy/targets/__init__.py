@@ -1,0 +1,1 @@
+"""Deployment targets, one file each: where a ServiceSpec is served and an Endpoint comes from."""
