@@ -12,7 +12,7 @@ TEST_EXTRAS := $(RUN_EXTRAS),dev,deploy
 ARGS ?=
 PYTEST_ARGS ?= -q
 
-.PHONY: run test lint typecheck pytest venv clean system-deps
+.PHONY: run test lint typecheck pytest venv clean system-deps docker-daemon
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,13 +53,25 @@ pytest: $(VENV)/.test-deps
 	$(PY) -m pytest $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 ## system-deps: Debian packages some built-ins and tests use (run as root): Fashion-MNIST for fashion-cnn
-## (without it fashion-cnn trains on scikit-learn's digits instead) and Prometheus for server-side
-## measurements (without it runs scrape /metrics directly). CI installs both.
-SYSTEM_PACKAGES := dataset-fashion-mnist prometheus
+## (without it fashion-cnn trains on scikit-learn's digits instead), Prometheus for server-side
+## measurements (without it runs scrape /metrics directly), and a container engine for the docker target
+## (docker.io, started here when no daemon answers) with debootstrap for its base image. CI installs all.
+SYSTEM_PACKAGES := dataset-fashion-mnist prometheus docker.io debootstrap
 system-deps:
 	@if dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1; then echo "system packages present: $(SYSTEM_PACKAGES)"; \
 	elif [ "$$(id -u)" != 0 ]; then echo "make system-deps: missing Debian packages; as root: apt-get install $(SYSTEM_PACKAGES)" >&2; exit 1; \
 	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); fi
+	@$(MAKE) --no-print-directory docker-daemon
+
+## docker-daemon: start dockerd in the background when `docker info` does not answer (root only), and wait
+## for it; says what it did either way.
+docker-daemon:
+	@if docker info >/dev/null 2>&1; then echo "docker daemon answers"; \
+	elif [ "$$(id -u)" != 0 ]; then echo "make docker-daemon: no docker daemon answers; start one as root (dockerd &)" >&2; exit 1; \
+	else echo "no docker daemon answers: starting dockerd (log: /var/log/optiserve-dockerd.log)"; \
+	  nohup dockerd >/var/log/optiserve-dockerd.log 2>&1 & \
+	  for i in $$(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done; \
+	  docker info >/dev/null 2>&1 && echo "docker daemon started" || { echo "dockerd did not start: see /var/log/optiserve-dockerd.log" >&2; exit 1; }; fi
 
 clean:
 	rm -rf $(VENV) build optiserve-work .mypy_cache .ruff_cache .pytest_cache

@@ -3,9 +3,9 @@ ServiceSpec, and Python dependencies pinned to the versions this machine runs.
 
 The Bento's ``src/`` holds ``service.py`` (a one-line re-export of the generic service) and
 ``model/`` (``service.json`` + ``<variant id>/``, the variant directory, checksums re-verified at
-start-up). optiserve itself goes in as a wheel built from this checkout. ``bentoml build`` also
-writes the container recipe (``env/docker/Dockerfile``); :func:`containerize` turns it into an image
-where a container engine exists, and says so in one line where none does.
+start-up). optiserve itself goes in as a wheel built from this checkout. Images are built from the Bento
+by :mod:`optiserve.deploy.images` (on a base image built here; BentoML's own Dockerfile starts from a
+registry image, which cannot be pulled where no registry is reachable).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from optiserve.types import ServiceSpec
 
 SPEC_IN_BENTO = "model/service.json"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-ENGINES = ("docker", "podman", "buildah", "nerdctl", "buildctl")
 SERVING_BASE = ("bentoml", "numpy", "pydantic", "pyyaml", "typer", "rich", "psutil", "httpx", "pillow")
 """Distributions every Bento needs whatever the runtime (the service, its validation and decoding)."""
 
@@ -184,40 +183,3 @@ def build_bento(spec: ServiceSpec, wheel: Path) -> BuiltBento:
                 os.environ["OPTISERVE_SERVICE_SPEC"] = previous
     path = Path(bento.path)
     return BuiltBento(str(bento.tag), path, path / "env" / "docker" / "Dockerfile", requirements, labels)
-
-
-def container_engine() -> tuple[str | None, str]:
-    """(the first usable container engine, or None; what was found) — an installed docker whose daemon
-    is not running is not usable."""
-    found = []
-    for engine in ENGINES:
-        if not shutil.which(engine):
-            continue
-        probe = [engine, "version"] if engine in ("buildah", "buildctl") else [engine, "info"]
-        try:
-            ok = subprocess.run(probe, capture_output=True, timeout=20).returncode == 0
-        except (OSError, subprocess.TimeoutExpired):
-            ok = False
-        if ok:
-            return engine, engine
-        found.append(f"{engine} is installed but `{' '.join(probe)}` fails (is its daemon running?)")
-    return None, "; ".join(found) or f"none of {', '.join(ENGINES[:4])} is installed"
-
-
-def containerize(bento: BuiltBento) -> str:
-    """``bentoml containerize``; a one-line error when no container engine is present or it fails."""
-    engine, found = container_engine()
-    if engine is None:
-        raise PluginUnavailable(
-            f"cannot containerize {bento.tag}: no usable container engine ({found})",
-            hint=f"the Bento is built; its Dockerfile is {bento.dockerfile}",
-        )
-    backend = {"buildctl": "buildctl"}.get(engine, engine)
-    result = subprocess.run(
-        [sys.executable, "-m", "bentoml", "containerize", bento.tag, "--backend", backend],
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        raise ServingError(f"bentoml containerize {bento.tag} failed: {result.stderr.strip()[-300:]}")
-    return bento.tag

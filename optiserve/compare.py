@@ -197,10 +197,14 @@ def run_comparison(
     payloads = write_payloads(
         run_dir / "payloads.jsonl", inputs, spec.inputs[0].name, config.load.payload_samples
     )
+    deployment = configured_target(config)
+    deployment.prepare(
+        [service_spec(config, variants[side.variant_id], side.runtime) for side in (a, b)], steps
+    )
     pairs: list[tuple[BenchResult, BenchResult]] = []
     with (
         steps.task("A/B repeats", total=2 + 2 * repeats) as advance,
-        configured_target(config) as deployment,
+        deployment,
     ):
         sides = (a, b)
         endpoints = []

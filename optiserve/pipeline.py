@@ -274,6 +274,8 @@ def bench(config: ExperimentConfig, p: Plan, run_dir: Path, steps: Steps) -> lis
     if scenario.load_model == "open":
         with steps.task("Measuring the load generator against a null endpoint"):
             capacity = generator_capacity(samples_dir, server_cpus=server_cpus, cpus=generator_cpus)
+    deployment = configured_target(config)  # checked before anything starts
+    deployment.prepare([service_spec(config, v, rt) for v, rt in p.pairs], steps)
     results: list[BenchResult] = []
     planned = len(scenario.levels())
     total = len(p.pairs) * (planned + 1)
@@ -281,7 +283,7 @@ def bench(config: ExperimentConfig, p: Plan, run_dir: Path, steps: Steps) -> lis
         steps.task("Serving and load testing", total=total) as advance,
         # Stopped after the servers (the with block unwinds in reverse).
         measurement_source(config.load.prometheus_url, run_dir, cpus=generator_cpus) as source,
-        configured_target(config) as deployment,
+        deployment,
     ):
         atomic_write_text(run_dir / "measurement.txt", source.description + "\n")
         for variant, runtime in p.pairs:

@@ -2,7 +2,7 @@
 benchmarks and `optiserve bench --url`. Runs in its own venv (kserve's starlette pin clashes with
 BentoML's): ``python -m venv /opt/peers/kserve && /opt/peers/kserve/bin/pip install kserve onnxruntime``.
 
-    /opt/peers/kserve/bin/python benchmarks/peers/kserve_onnx.py MODEL.onnx --name NAME --port 8080 --threads 1
+    /opt/peers/kserve/bin/python benchmarks/peers/kserve_onnx.py M.onnx --name NAME --port 8080 --threads 1
 
 Nothing of optiserve is imported: this is KServe as its users write a custom model.
 """

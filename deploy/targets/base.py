@@ -8,6 +8,7 @@ Adding a target is adding one file to this folder.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Self
@@ -17,6 +18,7 @@ from optiserve.types import Endpoint, ServiceSpec
 
 if TYPE_CHECKING:
     from optiserve.config import ExperimentConfig
+    from optiserve.progress import Steps
 
 STARTUP_FAILED = "Application startup failed"
 """Logged (by uvicorn) when the service's __init__ raised; BentoML then restarts the worker forever."""
@@ -41,6 +43,10 @@ class Target(Plugin, base=True, package="optiserve.deploy.targets"):
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop_all()
+
+    def prepare(self, specs: Sequence[ServiceSpec], steps: Steps) -> None:
+        """Make what ``start`` needs for these pairs and is missing (the docker target: their images).
+        ``run``, ``bench`` and ``compare`` call it first; ``serve`` serves only what exists."""
 
     def start(self, spec: ServiceSpec, cpus: frozenset[int] | None = None) -> Endpoint:
         """Serve ``spec`` (on ``cpus`` only, when given); return once it is ready (model loaded,

@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,10 +25,11 @@ import httpx
 from optiserve.errors import ServingError
 from optiserve.manifest import write_model
 from optiserve.procs import free_port
+from optiserve.progress import Steps
 from optiserve.registry import Availability
 from optiserve.types import Endpoint, ServiceSpec
 
-from ..engine import docker, engine_problem, image_exists
+from ..engine import START_HINT, docker, engine_problem, image_exists
 from ..podspec import container_command, docker_run_args, rendered_pod
 from .base import Target, startup_failed
 
@@ -47,12 +50,32 @@ class DockerTarget(Target):
     @classmethod
     def availability(cls) -> Availability:
         problem = engine_problem()
-        return (
-            Availability(False, f"no usable container engine: {problem}") if problem else Availability(True)
-        )
+        if problem:
+            return Availability(False, f"no usable container engine: {problem}; {START_HINT}")
+        return Availability(True)
+
+    def prepare(self, specs: Sequence[ServiceSpec], steps: Steps) -> None:
+        """Build the images that do not exist yet (as ``optiserve build --containerize`` would)."""
+        missing = [s for s in specs if not image_exists(image_name(s))]
+        if not missing:
+            return
+        from ..bento import build_bento, build_wheel
+        from ..images import build_image
+
+        log = self.workdir / "images" / "build.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with (
+            tempfile.TemporaryDirectory(prefix="optiserve-wheel.") as tmp,
+            steps.task("Building missing images", total=len(missing)) as advance,
+        ):
+            wheel = build_wheel(Path(tmp))
+            for spec in missing:
+                advance(0, description=f"docker build {image_name(spec)}")
+                build_image(build_bento(spec, wheel), wheel, log)
+                advance(1)
 
     def start(self, spec: ServiceSpec, cpus: frozenset[int] | None = None) -> Endpoint:
-        image = f"{spec.variant.id}:{spec.runtime}"
+        image = image_name(spec)
         if not image_exists(image):
             raise ServingError(
                 f"no image {image} for {spec.variant.id} on {spec.runtime}",
@@ -151,6 +174,11 @@ class DockerTarget(Target):
     def stop_all(self) -> None:
         for url in list(self._containers):
             self._remove(url)
+
+
+def image_name(spec: ServiceSpec) -> str:
+    """The Bento tag convention: ``<variant id>:<runtime>``."""
+    return f"{spec.variant.id}:{spec.runtime}"
 
 
 def _dns(text: str) -> str:

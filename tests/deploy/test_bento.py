@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import yaml
 
-from optiserve.deploy.bento import container_engine
 from optiserve.procs import free_port, spawn, stop_group
 from tests.conftest import MLP_CALLABLE, cli_env, error_lines, random_inputs, run_cli, torch_reference
 
@@ -105,18 +104,18 @@ def test_a_built_bento_serves_the_open_inference_protocol(
 
 
 def test_containerize_without_an_engine_stops_with_one_line(
-    built: tuple[Path, Path, subprocess.CompletedProcess[str]], monkeypatch: pytest.MonkeyPatch
+    built: tuple[Path, Path, subprocess.CompletedProcess[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
-    root, home, _ = built
-    engine, _ = container_engine()
-    if engine is not None:
-        pytest.skip(
-            f"a usable container engine ({engine}) is present: containerizing is not exercised in the suite"
-        )
-    monkeypatch.setenv("BENTOML_HOME", str(home))
+    """A PATH without docker (the interpreter is named by its full path): one line, exit 5, no Bento."""
+    root, _, _ = built
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
     result = run_cli(
         "build", "-m", MLP_CALLABLE, "--input-shape", "16", "-w", "w", "--containerize", cwd=root
     )
-    assert result.returncode == 5
+    assert result.returncode == 5, result.stderr
     (line,) = error_lines(result.stderr)
-    assert "cannot containerize" in line and "no usable container engine" in line and "Dockerfile" in line
+    assert "no usable container engine: docker is not installed" in line and "make system-deps" in line
+    assert not (tmp_path / "home" / "bentos").exists(), "a Bento was built before the engine was checked"

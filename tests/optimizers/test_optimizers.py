@@ -109,3 +109,15 @@ def test_onnx_export_has_a_dynamic_batch_axis(torch_source: Variant, variants_wo
 def test_onnx_export_refuses_unknown_config_keys() -> None:
     with pytest.raises(ConfigError, match="optimizer onnx-export: opste"):
         OnnxExport({"opste": 17})
+
+
+def test_int8_variants_record_the_cpu_features_they_were_tuned_on(
+    onnx_source: Variant, variants_workdir: Path
+) -> None:
+    from optiserve.hardware import int8_cpu_features
+
+    child = Optimizer.get("ort-int8-dynamic")({}).apply(onnx_source, variants_workdir)
+    assert child.precision == "int8"
+    assert child.cpu_features == int8_cpu_features()
+    assert load_variant(variant_dir(variants_workdir, child.id)).cpu_features == child.cpu_features
+    assert onnx_source.cpu_features is None  # float variants are not tied to a CPU

@@ -1,0 +1,62 @@
+"""The deployment-target registry: every target file is found, described and checked for what it needs;
+names that do not exist and engines that are not there are one line each."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from optiserve.deploy.targets.base import Target, target_for
+from optiserve.errors import ConfigError, PluginUnavailable
+from tests.conftest import error_lines, run_cli
+
+
+@pytest.mark.parametrize("name", sorted(Target.registry()))
+def test_every_target_is_described_and_checks_itself(name: str) -> None:
+    cls = Target.get(name)
+    assert cls.name == name and cls.description and cls.metrics_source
+    avail = cls.availability()
+    assert avail.ok or avail.reason  # unavailable always says why
+
+
+def test_the_targets_the_docs_promise_exist() -> None:
+    assert {"local", "docker", "kubernetes", "url"} <= set(Target.registry())
+
+
+def test_unknown_target_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown target 'nope'; known: "):
+        target_for("nope", tmp_path)
+
+
+def test_kubernetes_without_a_cluster_is_unavailable(tmp_path: Path) -> None:
+    if Target.get("kubernetes").availability().ok:
+        pytest.skip("a cluster answers here")
+    with pytest.raises(PluginUnavailable, match="no Kubernetes cluster"):
+        target_for("kubernetes", tmp_path)
+
+
+def test_cli_names_an_unknown_target_in_one_line(mlp_onnx: Path, tmp_path: Path) -> None:
+    done = run_cli("bench", "-m", mlp_onnx, "-w", tmp_path / "w", "--target", "nope", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    (line,) = error_lines(done.stderr)
+    assert "unknown target 'nope'" in line
+
+
+@pytest.mark.slow
+def test_docker_target_without_an_engine_is_one_line_exit_5(mlp_onnx: Path, tmp_path: Path) -> None:
+    """A PATH with Python but no docker: the target says so before anything starts."""
+    work = tmp_path / "w"
+    assert run_cli("optimize", "-m", mlp_onnx, "-w", work, "--no-eval", cwd=tmp_path).returncode == 0
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    saved = os.environ["PATH"]
+    os.environ["PATH"] = str(bin_dir)
+    try:
+        done = run_cli("serve", "-m", mlp_onnx, "-w", work, "--target", "docker", "--for", "1", cwd=tmp_path)
+    finally:
+        os.environ["PATH"] = saved
+    assert done.returncode == 5, done.stderr
+    (line,) = error_lines(done.stderr)
+    assert "docker is not installed" in line and "make system-deps" in line
