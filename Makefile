@@ -64,12 +64,14 @@ system-deps:
 	@$(MAKE) --no-print-directory docker-daemon
 
 ## docker-daemon: start dockerd in the background when `docker info` does not answer (root only), and wait
-## for it; says what it did either way.
+## for it; says what it did either way. Without docker's userland proxy, a port published on 127.0.0.1
+## is forwarded by the kernel, as a cluster's Service is, instead of by a docker-proxy process outside the
+## container's CPUs (measured: container/local served p50 0.915 → 0.979, throughput 0.942 → 0.958).
 docker-daemon:
 	@if docker info >/dev/null 2>&1; then echo "docker daemon answers"; \
 	elif [ "$$(id -u)" != 0 ]; then echo "make docker-daemon: no docker daemon answers; start one as root (dockerd &)" >&2; exit 1; \
 	else echo "no docker daemon answers: starting dockerd (log: /var/log/optiserve-dockerd.log)"; \
-	  nohup dockerd >/var/log/optiserve-dockerd.log 2>&1 & \
+	  nohup dockerd --userland-proxy=false >/var/log/optiserve-dockerd.log 2>&1 & \
 	  for i in $$(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done; \
 	  docker info >/dev/null 2>&1 && echo "docker daemon started" || { echo "dockerd did not start: see /var/log/optiserve-dockerd.log" >&2; exit 1; }; fi
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +45,9 @@ from optiserve.types import ServiceSpec, ThreadSpec
 
 GOAL = 0.95
 USERS = 32
+PROXIED: list[bool] = []
+"""Whether the container's published port went through a docker-proxy process (the daemon's userland
+proxy) rather than the kernel's forwarding; `make docker-daemon` starts dockerd without it."""
 
 
 def measure(
@@ -53,6 +57,8 @@ def measure(
     started = time.perf_counter()
     endpoint = target.start(service, cpus=frozenset({cpu}))
     ready_s = time.perf_counter() - started
+    if target.name == "docker":
+        PROXIED.append(subprocess.run(["pgrep", "-x", "docker-proxy"], capture_output=True).returncode == 0)
     try:
         path = endpoint.infer_url.removeprefix(endpoint.url)
         client = RawClient("127.0.0.1", endpoint.service.port or 0, path, body, header_length)
@@ -116,6 +122,8 @@ def main() -> int:
         f"1. image {cold.tag}: {cold.size_bytes / 1e6:.0f} MB; first build {cold.build_s:.1f}s"
         f"{' (base image built too)' if cold.base_built else ''}, from a warm cache {warm.build_s:.1f}s"
     )
+    proxy = "a docker-proxy process" if any(PROXIED) else "the kernel (no userland proxy)"
+    print(f"   the container's published port is forwarded by {proxy}")
     print(
         f"2. start to ready: local process {med['local'][0]:.1f}s, container {med['container'][0]:.1f}s "
         "(median)"

@@ -13,11 +13,13 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata as md
 import io
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +118,17 @@ def build_wheel(out_dir: Path) -> Path:
     return wheels[-1]
 
 
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def build_bento(spec: ServiceSpec, wheel: Path) -> BuiltBento:
     """``bentoml build`` for one served pair; an existing Bento with the same tag is replaced."""
     import bentoml
@@ -166,7 +179,12 @@ def build_bento(spec: ServiceSpec, wheel: Path) -> BuiltBento:
         try:
             # bentoml resolves the wheel path against the working directory, and prints notes we don't need
             noise = io.StringIO()
-            with contextlib.chdir(ctx), contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
+            with (
+                contextlib.chdir(ctx),
+                contextlib.redirect_stdout(noise),
+                contextlib.redirect_stderr(noise),
+                _quiet_logger("bentoml"),  # its notes on the wheels and a large model file, as warnings
+            ):
                 bento = bentoml.bentos.build_bentofile(
                     str(ctx / "bentofile.yaml"), name=name, version=version, build_ctx=str(ctx)
                 )
