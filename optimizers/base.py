@@ -30,6 +30,8 @@ from optiserve.types import ArtifactFormat, ModelSpec, OptimizerStep, Precision,
 if TYPE_CHECKING:
     import numpy as np
 
+    from optiserve.userdata import Preprocess
+
 
 class OptimizerConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -59,6 +61,10 @@ class OptimizeContext:
     calibration_samples: int = 300
     calibration_path: Path | None = None
     """An .npy file of preprocessed samples to calibrate on, instead of the model's own split."""
+    calibration_data: Path | None = None
+    """The user's calibration set (an image folder, .csv/.jsonl or .npz; see optiserve.userdata)."""
+    preprocess: Preprocess | None = None
+    """How images become an ONNX image model's input (``model.preprocess``)."""
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     seed: int = 0
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -75,7 +81,13 @@ class OptimizeContext:
 
         from optiserve.models.resolve import dataset
 
-        if self.calibration_path is None:
+        if self.calibration_data is not None:
+            from optiserve.userdata import load
+
+            data = load(
+                self.calibration_data, spec, what="calibration.data", preprocess=self.preprocess
+            ).inputs
+        elif self.calibration_path is None:
             data, _ = dataset(spec, "calibration", self.calibration_samples)
         else:
             try:
@@ -95,6 +107,15 @@ class OptimizeContext:
                 f"calibration samples have shape {tuple(data.shape[1:])}, the model takes {inp.describe()}"
             )
         return np.ascontiguousarray(data[: self.calibration_samples], dtype=spec.inputs[0].dtype)
+
+    def calibration_digest(self, spec: ModelSpec) -> str:
+        """sha256 (16 hex digits) of the calibration samples: their shape, dtype and bytes."""
+        import hashlib
+
+        data = self.calibration(spec)
+        h = hashlib.sha256(f"{data.shape} {data.dtype}".encode())
+        h.update(data.tobytes())
+        return h.hexdigest()[:16]
 
     def training(self, spec: ModelSpec) -> tuple[np.ndarray, np.ndarray] | None:
         key = f"training:{spec.name}"
@@ -147,10 +168,15 @@ class Optimizer(Plugin, base=True, package="optiserve.optimizers"):
     def step(self) -> OptimizerStep:
         return OptimizerStep(optimizer=self.name, tag=self.tag, config=self.config.model_dump(mode="json"))
 
-    def child_id(self, parent: Variant) -> str:
+    def child_id(self, parent: Variant, ctx: OptimizeContext | None = None) -> str:
+        """Content-derived: the parent, the optimizer and its config and, for an optimizer that
+        calibrates, a digest of the calibration data (so a run calibrated on other samples, e.g.
+        ``--quick``'s fewer ones, never reuses a stale variant)."""
         step = self.step()
         tags = [s.tag for s in (*parent.steps, step)] or [parent.format]
-        lineage = {"parent": parent.id, "optimizer": step.optimizer, "config": step.config}
+        lineage: dict[str, Any] = {"parent": parent.id, "optimizer": step.optimizer, "config": step.config}
+        if self.needs_calibration and ctx is not None:
+            lineage["calibration"] = ctx.calibration_digest(parent.model)
         return variant_id(parent.model.name, tags, lineage)
 
     def produce(self, parent: Variant, parent_dir: Path, out_dir: Path, ctx: OptimizeContext) -> Produced:
@@ -159,7 +185,7 @@ class Optimizer(Plugin, base=True, package="optiserve.optimizers"):
     def apply(self, parent: Variant, workdir: Path, ctx: OptimizeContext | None = None) -> Variant:
         self.require_available()
         ctx = ctx or OptimizeContext(workdir)
-        child_id = self.child_id(parent)
+        child_id = self.child_id(parent, ctx)
         final = variant_dir(workdir, child_id)
         if final.exists():
             try:

@@ -148,7 +148,8 @@ def _config(
 
 
 QUICK: dict[str, Any] = {
-    "eval.samples": 32,
+    "eval.samples": 256,
+    "eval.stress_samples": 32,
     "eval.budget_s": 0.5,
     "calibration.samples": 128,
     "load.concurrency": [1, 4],
@@ -207,6 +208,7 @@ def run(
     steps = Steps()
     spec = pipeline.resolve(cfg)
     _check_plugins(cfg)
+    pipeline.check_user_data(cfg, spec)
     variants, skipped = pipeline.optimize(cfg, spec, steps)
     plan = pipeline.plan(cfg, spec, variants, skipped)
     if not plan.pairs:
@@ -267,6 +269,7 @@ def optimize(
     )
     spec = pipeline.resolve(cfg)
     _check_plugins(cfg)
+    pipeline.check_user_data(cfg, spec)
     steps = Steps()
     variants, skipped = pipeline.optimize(cfg, spec, steps)
     plan = pipeline.plan(cfg, spec, variants, skipped)

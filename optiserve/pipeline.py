@@ -24,6 +24,7 @@ from optiserve.progress import Steps
 if TYPE_CHECKING:
     from optiserve.loadtests.scenarios.base import Scenario
     from optiserve.optimizers.base import OptimizeContext
+    from optiserve.userdata import UserData
 
 from optiserve.types import (
     BenchResult,
@@ -83,6 +84,8 @@ def optimize_context(config: ExperimentConfig) -> OptimizeContext:
         workdir=config.workdir,
         calibration_samples=config.calibration.samples,
         calibration_path=config.calibration.path,
+        calibration_data=config.calibration.data,
+        preprocess=config.model.preprocess,
         threads=config.eval.threads or os.cpu_count() or 1,
     )
 
@@ -167,6 +170,39 @@ def remote_plan(
     return Plan(spec=variant.model, variants=[variant], pairs=[(variant, runtime)]), encoding
 
 
+def user_eval_set(config: ExperimentConfig, spec: ModelSpec) -> UserData | None:
+    """``eval.data`` read and checked (and kept apart from ``calibration.data``), or None."""
+    from optiserve import userdata
+
+    if config.eval.data is None:
+        return None
+    evaluation = userdata.load(
+        config.eval.data,
+        spec,
+        what="eval.data",
+        preprocess=config.model.preprocess,
+        labels_file=config.eval.labels,
+    )
+    if config.calibration.data is not None:
+        calibration = userdata.load(
+            config.calibration.data, spec, what="calibration.data", preprocess=config.model.preprocess
+        )
+        userdata.check_disjoint(evaluation, calibration, config.eval.data, config.calibration.data)
+    return evaluation
+
+
+def check_user_data(config: ExperimentConfig, spec: ModelSpec) -> None:
+    """Read and check the user's eval and calibration sets before any work (bad input: one line, exit 2,
+    nothing written)."""
+    from optiserve import userdata
+
+    user_eval_set(config, spec)
+    if config.calibration.data is not None:
+        userdata.load(
+            config.calibration.data, spec, what="calibration.data", preprocess=config.model.preprocess
+        )
+
+
 def reference_pair(p: Plan) -> tuple[Variant, str]:
     """The FP32 source variant on its first runtime: what every other pair is compared with."""
     source = next(v for v in p.variants if v.parent_id is None)
@@ -183,20 +219,35 @@ def evaluate(
     """
     from optiserve.evaluate import evaluate_outputs, load_runtime
     from optiserve.microbench import measure
-    from optiserve.models.resolve import dataset, targets
+    from optiserve.models.resolve import dataset, stress_dataset, targets
 
-    inputs, description = dataset(p.spec, "eval", config.eval.samples)
-    labels = targets(p.spec, "eval", config.eval.samples)
+    user = user_eval_set(config, p.spec)
+    if user is not None:
+        n = min(config.eval.samples, len(user.inputs))
+        inputs, labels = user.inputs[:n], None if user.labels is None else user.labels[:n]
+        description = user.description if n == len(user.inputs) else f"{n} of {user.description}"
+        stress_inputs = None
+    else:
+        inputs, description = dataset(p.spec, "eval", config.eval.samples)
+        labels = targets(p.spec, "eval", config.eval.samples)
+        stress_inputs = stress_dataset(p.spec, config.eval.stress_samples)
     ref_variant, ref_runtime = reference_pair(p)
     n_threads = config.eval.threads or os.cpu_count() or 1
     threads = ThreadSpec(intra_op=n_threads)
     evaluations: dict[tuple[str, str], Evaluation] = {}
     label = "Evaluating" + (" and microbenchmarking" if config.eval.microbench else "")
     with steps.task(f"{label} on {description}", total=len(p.pairs)) as advance:
-        ref_out = load_runtime(ref_variant, ref_runtime, config.workdir, threads).infer_any(inputs, chunk=16)
+        reference = load_runtime(ref_variant, ref_runtime, config.workdir, threads)
+        ref_out = reference.infer_any(inputs, chunk=16)
+        ref_stress = reference.infer_any(stress_inputs, chunk=16) if stress_inputs is not None else None
         for variant, runtime_name in p.pairs:
             runtime = load_runtime(variant, runtime_name, config.workdir, threads)
             out = runtime.infer_any(inputs, chunk=16)
+            stress = (
+                (ref_stress, runtime.infer_any(stress_inputs, chunk=16))
+                if stress_inputs is not None and ref_stress is not None
+                else None
+            )
             latency = (
                 measure(
                     runtime,
@@ -217,6 +268,8 @@ def evaluate(
                 labels,
                 gate=config.eval.gate,
                 latency=latency,
+                data=description,
+                stress=stress,
             )
             evaluations[(variant.id, runtime_name)] = ev
             write_model(variant_dir(config.workdir, variant.id) / f"evaluation.{runtime_name}.json", ev)
@@ -235,9 +288,13 @@ def gate(config: ExperimentConfig, p: Plan, evaluations: dict[tuple[str, str], E
     for variant, runtime in p.pairs:
         ev = evaluations.get((variant.id, runtime))
         if ev is not None and not ev.passed:
+            ci = (
+                f", ratio 95% interval [{ev.ratio_ci.low:.3f}, {ev.ratio_ci.high:.3f}]" if ev.ratio_ci else ""
+            )
             skipped[f"{variant.id} on {runtime}"] = (
                 f"rejected by the accuracy gate: {ev.metric} {ev.value:.4f} < {ev.gate} × "
-                f"{ev.reference_value:.4f} (serve it anyway with serving.serve_rejected: true)"
+                f"{ev.reference_value:.4f} (n={ev.n_samples}{ci}; serve it anyway with "
+                "serving.serve_rejected: true)"
             )
         else:
             kept.append((variant, runtime))

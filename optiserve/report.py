@@ -95,14 +95,23 @@ _METRIC_NAMES = {
 }
 
 
+def _ratio(ev: Evaluation) -> str:
+    """``= 99.4% of FP32 [97.6, 101.1]``: the gated ratio and its paired-bootstrap interval."""
+    if ev.ratio is None:
+        return ""
+    ci = f" [{ev.ratio_ci.low * 100:.1f}, {ev.ratio_ci.high * 100:.1f}]" if ev.ratio_ci else ""
+    return f" = {ev.ratio * 100:.1f}% of FP32{ci}"
+
+
 def _accuracy(ev: Evaluation | None) -> str:
     if ev is None:
         return "–"
     name = _METRIC_NAMES[ev.metric]
     if ev.metric == "top1_accuracy":
-        return f"{name} {ev.value * 100:.1f}% (Δ {ev.delta * 100:+.1f} pt, n={ev.n_samples})"
+        return f"{name} {ev.value * 100:.1f}%{_ratio(ev)} (n={ev.n_samples})"
     if ev.metric == "top1_agreement":
-        return f"{name} {ev.value * 100:.1f}% (n={ev.n_samples})"
+        ci = f" [{ev.value_ci.low * 100:.1f}, {ev.value_ci.high * 100:.1f}]" if ev.value_ci else ""
+        return f"{name} {ev.value * 100:.1f}%{ci} (n={ev.n_samples}, no labels)"
     if ev.metric == "cosine_similarity":
         return f"{name} {ev.value:.4f} (n={ev.n_samples})"
     return f"{name} {ev.value:.2e} (n={ev.n_samples})"
@@ -137,7 +146,7 @@ def render_table(report: Report) -> Table:
     table.add_column("runtime", no_wrap=True)
     table.add_column("prec")
     table.add_column("size", justify="right")
-    table.add_column("accuracy vs FP32", justify="right")
+    table.add_column("accuracy vs FP32 [95% CI]", justify="right")
     levels = concurrencies(report)
     for key in levels:
         table.add_column(f"{level_label(key)}: p50/p99 ms · req/s · errors", justify="right")
@@ -230,11 +239,62 @@ def render_markdown(report: Report) -> str:
             "",
             "Each latency figure is over the requests measured after warm-up; counts are in `report.json`.",
         ]
+    lines += _accuracy_section(report)
     lines += _integrity_section(report)
     if report.skipped:
         lines += ["", "## Skipped", ""]
         lines += [f"- **{what}**: {why}" for what, why in report.skipped.items()]
     return "\n".join(lines) + "\n"
+
+
+def _pct(value: float | None, n: int | None = None) -> str:
+    if value is None:
+        return "–"
+    return f"{value * 100:.1f}%" + (f" (n={n})" if n is not None else "")
+
+
+def _accuracy_section(report: Report) -> list[str]:
+    """The gate's evidence per variant: the task metric with its interval, the ratio to FP32 with its
+    paired interval, top-5, and agreement with FP32 split into decided samples and near ties."""
+    evals = [row.accuracy for row in report.rows if row.accuracy is not None]
+    if not evals:
+        return []
+    lines = [
+        "",
+        "## Accuracy",
+        "",
+        f"Evaluated in process on {evals[0].data or f'{evals[0].n_samples} held-out samples'}. "
+        + (
+            "The gate uses the task metric (top-1 accuracy on labelled data): a variant is rejected when "
+            f"its accuracy is below {evals[0].gate} × FP32's (point estimate); 95% intervals in brackets "
+            "(bootstrap over samples; paired for the ratio). Agreement with FP32 is a secondary figure, "
+            "split into decided samples and near ties (FP32's top-2 probabilities within 0.05)."
+            if evals[0].metric == "top1_accuracy"
+            else "No labels: the gate falls back to agreement with FP32, which measures closeness to FP32, "
+            "not accuracy."
+        ),
+        "",
+        "| variant | runtime | metric | value | FP32 | ratio to FP32 | top-5 "
+        "| agreement: decided / near ties | stress set agreement | gate |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report.rows:
+        ev = row.accuracy
+        if ev is None:
+            continue
+        value = f"{ev.value * 100:.1f}%" + (
+            f" [{ev.value_ci.low * 100:.1f}, {ev.value_ci.high * 100:.1f}]" if ev.value_ci else ""
+        )
+        ratio = "–" if ev.ratio is None else _ratio(ev).removeprefix(" = ").replace(" of FP32", "")
+        top5 = f"{_pct(ev.top5)} vs {_pct(ev.reference_top5)}" if ev.top5 is not None else "–"
+        split = f"{_pct(ev.agreement_decided, ev.n_decided)} / {_pct(ev.agreement_ties, ev.n_ties)}"
+        verdict = "–" if ev.gate is None else ("pass" if ev.passed else "**rejected**")
+        lines.append(
+            f"| `{row.variant_id}` | {row.runtime} | {_METRIC_NAMES[ev.metric]} (n={ev.n_samples}) | {value} "
+            f"| {ev.reference_value * 100:.1f}% | {ratio} | {top5} | {split} "
+            f"| {_pct(ev.stress_agreement, ev.stress_n)} | {verdict} |"
+        )
+    return lines
 
 
 def _load_words(report: Report) -> str:
@@ -325,7 +385,7 @@ def _status(ev: Evaluation | None) -> str:
 def render_variants_table(model: str, plan: Plan, evaluations: dict[tuple[str, str], Evaluation]) -> Table:
     """The `optiserve optimize` table: one row per variant × runtime, plus a row per skipped step."""
     table = Table(title=f"Variants of {model} (in-process; accuracy on held-out data)")
-    for col in ("variant", "chain", "runtime", "size", "params", "accuracy (Δ vs FP32)"):
+    for col in ("variant", "chain", "runtime", "size", "params", "accuracy vs FP32 [95% CI]"):
         table.add_column(col, overflow="fold")
     table.add_column("p50 b=1 ms", justify="right")
     table.add_column("throughput", justify="right")

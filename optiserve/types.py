@@ -134,6 +134,13 @@ class MicroBench(Frozen):
 Metric = Literal["top1_accuracy", "top1_agreement", "cosine_similarity", "max_abs_diff"]
 
 
+class Interval(Frozen):
+    """A 95% confidence interval (bootstrap over the measured requests)."""
+
+    low: float
+    high: float
+
+
 class Evaluation(Frozen):
     """How good a variant is, in process, on held-out inputs, and whether it passes the accuracy gate.
 
@@ -155,6 +162,27 @@ class Evaluation(Frozen):
     gate: float | None = Field(default=None, description="minimum value / reference_value; None: not gated")
     passed: bool = True
     latency: MicroBench | None = None
+    data: str | None = None
+    """Where the evaluation samples came from, and how many."""
+    value_ci: Interval | None = None
+    """95% interval of ``value`` (bootstrap over samples)."""
+    ratio_ci: Interval | None = None
+    """95% interval of ``value / reference_value`` (paired bootstrap over the same samples)."""
+    top5: float | None = None
+    reference_top5: float | None = None
+    agreement_decided: float | None = None
+    """Top-1 agreement on the samples where FP32's top-2 probabilities differ by at least 0.05."""
+    n_decided: int | None = None
+    agreement_ties: float | None = None
+    """Top-1 agreement on the near ties (FP32's top-2 probabilities within 0.05)."""
+    n_ties: int | None = None
+    stress_agreement: float | None = None
+    """Top-1 agreement on the model's unlabelled stress set, where it has one."""
+    stress_n: int | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        return self.value / self.reference_value if self.reference_value else None
 
     @property
     def delta(self) -> float:
@@ -261,13 +289,6 @@ class LatencyStats(Frozen):
     p95: float
     p99: float
     max: float
-
-
-class Interval(Frozen):
-    """A 95% confidence interval (bootstrap over the measured requests)."""
-
-    low: float
-    high: float
 
 
 class Integrity(Frozen):

@@ -110,3 +110,23 @@ def test_load_variant_refuses_a_folder_named_after_another_id(
     renamed = folder.rename(folder.with_name("mlp.onnx.000000"))
     with pytest.raises(ArtifactError, match="folder name must be the id"):
         load_variant(renamed)
+
+
+def test_calibrated_variants_are_named_by_their_calibration_data(
+    onnx_source: Variant, tmp_path: Path
+) -> None:
+    """`--quick` calibrates on fewer samples than a full run: the ids differ, nothing stale is reused."""
+    from optiserve.optimizers.base import OptimizeContext
+    from optiserve.optimizers.ort_int8_static import OrtInt8Static
+
+    quick = OrtInt8Static().child_id(onnx_source, OptimizeContext(tmp_path, calibration_samples=128))
+    full = OrtInt8Static().child_id(onnx_source, OptimizeContext(tmp_path, calibration_samples=300))
+    again = OrtInt8Static().child_id(onnx_source, OptimizeContext(tmp_path, calibration_samples=300))
+    assert quick != full and full == again
+    assert OnnxExport().child_id(torch_source_like(onnx_source)) == OnnxExport().child_id(
+        torch_source_like(onnx_source), OptimizeContext(tmp_path, calibration_samples=7)
+    )  # an optimizer that does not calibrate is not named by calibration data
+
+
+def torch_source_like(variant: Variant) -> Variant:
+    return variant.model_copy(update={"format": "torch"})

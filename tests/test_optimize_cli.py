@@ -91,10 +91,11 @@ def test_recommended_optimizers_of_the_default_model(tmp_path: Path) -> None:
     for variant in variants.values():
         (path,) = variant_dir(tmp_path / "w", variant.id).glob("evaluation.*.json")
         ev = read_model(path, Evaluation)
-        assert ev.metric == "top1_agreement" and ev.n_samples == 16 and ev.latency is not None
+        assert ev.metric == "top1_accuracy" and ev.n_samples == 16 and ev.latency is not None
+        assert ev.agreement is not None and ev.ratio_ci is not None
         if variant.precision == "fp32":
-            assert ev.passed and ev.value == 1.0
-        assert ev.passed == (ev.value >= 0.99), "the gate is 0.99 × FP32's agreement (1.0)"
+            assert ev.passed and ev.agreement == 1.0
+        assert ev.passed == (ev.value >= 0.99 * ev.reference_value), "the gate is 0.99 × FP32's accuracy"
     rejected = [
         p
         for p in (tmp_path / "w" / "variants").glob("*/evaluation.*.json")

@@ -54,8 +54,20 @@ class BuiltinModel(Plugin, base=True, package="optiserve.models"):
         raise NotImplementedError
 
     @classmethod
+    def describe_data(cls, split: Split, n: int) -> str:
+        """What :meth:`dataset` gives for ``split`` and ``n``, in words (with the real count)."""
+        return f"{n} {cls.data_description} ({split})"
+
+    @classmethod
+    def stress_dataset(cls, n: int) -> np.ndarray | None:
+        """An unlabelled second evaluation set on which only agreement with FP32 is measured (a stress
+        test beside the labelled one), or None."""
+        return None
+
+    @classmethod
     def targets(cls, split: Split, n: int) -> np.ndarray | None:
-        """Class labels for the same ``n`` samples as :meth:`dataset` returns, or None (no labels).
+        """Class labels for the same ``n`` samples as :meth:`dataset` returns, or None (no labels): one
+        class per sample, or a (n, k) matrix of acceptable classes padded with -1.
 
         With labels the accuracy gate uses the task metric (top-1 accuracy); without, agreement with
         the FP32 reference.

@@ -268,6 +268,8 @@ class FashionCnn(BuiltinModel):
         "prune-channels",
         "onnx-export",
         "ort-int8-static",
+        "tensorrt-fp16",
+        "tensorrt-int8",
     )
 
     @classmethod

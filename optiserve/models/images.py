@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Collection
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -38,19 +39,39 @@ SKIMAGE_PHOTOS = (
 )
 
 
-@functools.cache
+LABELLED_ELSEWHERE = ("coffee", "chelsea")
+"""Photos of the labelled set (optiserve/data/labelled_photos.yaml): never calibrated on."""
+
+
+def photo_names() -> tuple[str, ...]:
+    """The name of each photo :func:`photos` returns, in the same order."""
+    return tuple(name for name, _ in _loaded())
+
+
+def calibration_photos() -> list[int]:
+    """Indices of the photos that are not in the labelled evaluation set."""
+    return [i for i, name in enumerate(photo_names()) if name not in LABELLED_ELSEWHERE]
+
+
 def photos() -> tuple[np.ndarray, ...]:
     """Every available photo as an HxWx3 uint8 array (greyscale ones replicated to 3 channels)."""
+    return tuple(image for _, image in _loaded())
+
+
+@functools.cache
+def _loaded() -> tuple[tuple[str, np.ndarray], ...]:
     import numpy as np
     import skimage.data
     from sklearn.datasets import load_sample_images
 
     out: list[np.ndarray] = []
+    names: list[str] = []
     for name in SKIMAGE_PHOTOS:
         try:
             img = getattr(skimage.data, name)()
         except Exception:  # a photo that needs a download in this skimage version: skip it
             continue
+        names.append(name)
         img = np.asarray(img)
         if img.dtype == bool:
             img = img.astype(np.uint8) * 255
@@ -59,8 +80,10 @@ def photos() -> tuple[np.ndarray, ...]:
         if img.ndim == 2:
             img = np.stack([img] * 3, axis=-1)
         out.append(np.ascontiguousarray(img[..., :3]))
-    out.extend(np.asarray(img)[..., :3] for img in load_sample_images().images)
-    return tuple(out)
+    sample = load_sample_images()
+    out.extend(np.asarray(img)[..., :3] for img in sample.images)
+    names += [Path(f).stem for f in sample.filenames]
+    return tuple(zip(names, out, strict=True))
 
 
 def crops(

@@ -88,6 +88,7 @@ class MiniLML6(BuiltinModel):
     default_optimizers: ClassVar[tuple[str | tuple[str, dict[str, Any]], ...]] = (
         "onnx-export",
         "ort-int8-dynamic",
+        "tensorrt-fp16",
     )
 
     @classmethod

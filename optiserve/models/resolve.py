@@ -160,13 +160,21 @@ def training_data(spec: ModelSpec) -> tuple[np.ndarray, np.ndarray] | None:
     return BuiltinModel.get(spec.ref).training_data()
 
 
+def stress_dataset(spec: ModelSpec, n: int) -> np.ndarray | None:
+    """A built-in's unlabelled stress set (agreement only), or None."""
+    if spec.source != "builtin" or n < 1:
+        return None
+    return BuiltinModel.get(spec.ref).stress_dataset(n)
+
+
 def dataset(spec: ModelSpec, split: Split, n: int) -> tuple[np.ndarray, str]:
     """(samples, description). Built-ins give real data; other models get seeded synthetic inputs."""
     import numpy as np
 
     if spec.source == "builtin":
         model = BuiltinModel.get(spec.ref)
-        return model.dataset(split, n), f"{n} {model.data_description} ({split})"
+        data = model.dataset(split, n)
+        return data, model.describe_data(split, len(data))
     inp = spec.inputs[0]
     rng = np.random.default_rng(0 if split == "eval" else 1)
     shape = (n, *inp.sample_shape)

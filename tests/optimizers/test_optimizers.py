@@ -10,7 +10,7 @@ import pytest
 
 from optiserve.errors import ConfigError
 from optiserve.manifest import load_variant, variant_dir
-from optiserve.optimizers.base import Optimizer
+from optiserve.optimizers.base import OptimizeContext, Optimizer
 from optiserve.optimizers.onnx_export import OnnxExport
 from optiserve.services.runtimes.base import runtimes_for
 from optiserve.types import Variant
@@ -42,7 +42,7 @@ def test_child_manifest_and_artifacts_verify(
     optimizer, parent, child = optimized
     assert child.parent_id == parent.id
     assert child.steps[-1].optimizer == optimizer.name
-    assert child.id == optimizer.child_id(parent)
+    assert child.id == optimizer.child_id(parent, OptimizeContext(variants_workdir))
     assert load_variant(variant_dir(variants_workdir, child.id)) == child  # checks every sha256
 
 
