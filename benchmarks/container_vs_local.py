@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from serving_efficiency import RawClient, saturate, verdict
+from serving_efficiency import RawClient, onnx_fp32, pin_client, saturate, verdict
 
 from optiserve.deploy.bento import build_bento, build_wheel
 from optiserve.deploy.images import build_image
@@ -36,10 +35,7 @@ from optiserve.deploy.targets.base import Target
 from optiserve.deploy.targets.docker import DockerTarget
 from optiserve.deploy.targets.local import LocalTarget
 from optiserve.manifest import variant_dir
-from optiserve.models.resolve import dataset, resolve_model
-from optiserve.optimizers.base import OptimizeContext
-from optiserve.optimizers.onnx_export import OnnxExport
-from optiserve.optimizers.source import materialize_source
+from optiserve.models.resolve import dataset
 from optiserve.services.oip_codec import encode_request
 from optiserve.types import ServiceSpec, ThreadSpec
 
@@ -80,14 +76,11 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=8.0, help="per saturation measurement")
     args = parser.parse_args()
-    if args.server_cpu == args.client_cpu:
-        raise SystemExit("--server-cpu and --client-cpu must differ")
-    os.sched_setaffinity(0, {args.client_cpu})
+    pin_client(args)
 
     with tempfile.TemporaryDirectory(prefix="container-bench.") as tmp:
         work = Path(tmp)
-        spec = resolve_model("efficientnet-lite0")
-        variant = OnnxExport().apply(materialize_source(spec, work), work, OptimizeContext(work))
+        spec, variant = onnx_fp32(work)
         service = ServiceSpec(
             variant=variant,
             variant_dir=str(variant_dir(work, variant.id)),

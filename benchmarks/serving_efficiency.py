@@ -38,7 +38,7 @@ from optiserve.optimizers.base import OptimizeContext
 from optiserve.optimizers.onnx_export import OnnxExport
 from optiserve.optimizers.source import materialize_source
 from optiserve.services.oip_codec import encode_request
-from optiserve.types import ServiceSpec, ThreadSpec
+from optiserve.types import ModelSpec, ServiceSpec, ThreadSpec, Variant
 
 GOAL_OVERHEAD, GOAL_EFFICIENCY = 1.15, 0.85
 BATCHES = (1, 2, 4, 8, 16, 32)
@@ -160,6 +160,19 @@ async def saturate(
     return done / elapsed, statuses
 
 
+def pin_client(args: argparse.Namespace) -> None:
+    """This process (the client) on --client-cpu, apart from the server's --server-cpu."""
+    if args.server_cpu == args.client_cpu:
+        raise SystemExit("--server-cpu and --client-cpu must differ")
+    os.sched_setaffinity(0, {args.client_cpu})
+
+
+def onnx_fp32(work: Path) -> tuple[ModelSpec, Variant]:
+    """efficientnet-lite0's spec and its FP32 ONNX variant, built in ``work``."""
+    spec = resolve_model("efficientnet-lite0")
+    return spec, OnnxExport().apply(materialize_source(spec, work), work, OptimizeContext(work))
+
+
 def verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
@@ -174,14 +187,11 @@ def main() -> int:
     parser.add_argument("--sweep", default="1,2,4,8,16,32,64", help="closed-loop users for the 503 check")
     parser.add_argument("--max-batch-size", type=int, default=None, help="default: the ServiceSpec's")
     args = parser.parse_args()
-    if args.server_cpu == args.client_cpu:
-        raise SystemExit("--server-cpu and --client-cpu must differ")
-    os.sched_setaffinity(0, {args.client_cpu})
+    pin_client(args)
 
     with tempfile.TemporaryDirectory(prefix="serving-bench.") as tmp:
         work = Path(tmp)
-        spec = resolve_model("efficientnet-lite0")
-        variant = OnnxExport().apply(materialize_source(spec, work), work, OptimizeContext(work))
+        spec, variant = onnx_fp32(work)
         model = variant_dir(work, variant.id) / variant.artifacts["model"].path
         x, what = dataset(spec, "eval", 32)
         np.save(work / "x.npy", x)

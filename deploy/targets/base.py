@@ -8,11 +8,16 @@ Adding a target is adding one file to this folder.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
+import httpx
+
+from optiserve.errors import ServingError
 from optiserve.registry import Plugin
 from optiserve.types import Endpoint, ServiceSpec
 
@@ -85,6 +90,25 @@ def configured_target(config: ExperimentConfig) -> Target:
         url=config.serving.url,
         **config.kubernetes.model_dump(),
     )
+
+
+def wait_ready(
+    url: str, timeout_s: float, failure: Callable[[], str | None], *, interval_s: float = 0.25
+) -> bool:
+    """Poll ``url`` until it answers 200 (True) or ``timeout_s`` passes (False). ``failure`` is asked
+    each round why the server can no longer become ready (exited, failed its start-up), and its answer
+    is raised as a ServingError."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            problem = failure()
+            if problem:
+                raise ServingError(problem)
+            with contextlib.suppress(httpx.HTTPError):
+                if client.get(url).status_code == 200:
+                    return True
+            time.sleep(interval_s)
+    return False
 
 
 def startup_failed(log_text: str) -> bool:

@@ -15,12 +15,9 @@ import contextlib
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
-
-import httpx
 
 from optiserve.errors import ServingError
 from optiserve.manifest import write_model
@@ -31,7 +28,7 @@ from optiserve.types import Endpoint, ServiceSpec
 
 from ..engine import START_HINT, docker, engine_problem, image_exists
 from ..podspec import container_command, docker_run_args, rendered_pod
-from .base import Target, startup_failed
+from .base import Target, startup_failed, wait_ready
 
 MANAGED_LABEL = "io.optiserve.managed=true"
 LOG_LINES = 12
@@ -125,27 +122,18 @@ class DockerTarget(Target):
         return Endpoint(service=spec.model_copy(update={"port": host_port}), url=url, target="docker")
 
     def _wait_ready(self, name: str, url: str, path: str) -> None:
-        deadline = time.monotonic() + self.ready_timeout_s
-        with httpx.Client(timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                state = docker(
-                    ["inspect", "--format", "{{.State.Status}}", name], what=f"docker inspect {name}"
-                )
-                if state.strip() in ("exited", "dead"):
-                    raise ServingError(
-                        f"container {name} exited during start-up; its log:\n{self.logs(name)}"
-                    )
-                if startup_failed(self.logs(name, lines=200)):
-                    raise ServingError(f"container {name} failed to initialise; its log:\n{self.logs(name)}")
-                try:
-                    if client.get(f"{url}{path}").status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.25)
-        raise ServingError(
-            f"container {name} not ready after {self.ready_timeout_s:.0f}s; its log:\n{self.logs(name)}"
-        )
+        def failure() -> str | None:
+            inspect = ["inspect", "--format", "{{.State.Status}}", name]
+            if docker(inspect, what=f"docker inspect {name}").strip() in ("exited", "dead"):
+                return f"container {name} exited during start-up; its log:\n{self.logs(name)}"
+            if startup_failed(self.logs(name, lines=200)):
+                return f"container {name} failed to initialise; its log:\n{self.logs(name)}"
+            return None
+
+        if not wait_ready(f"{url}{path}", self.ready_timeout_s, failure):
+            raise ServingError(
+                f"container {name} not ready after {self.ready_timeout_s:.0f}s; its log:\n{self.logs(name)}"
+            )
 
     def logs(self, name: str, lines: int = LOG_LINES) -> str:
         done = subprocess.run(["docker", "logs", "--tail", str(lines), name], capture_output=True, text=True)

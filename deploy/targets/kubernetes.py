@@ -13,11 +13,8 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any, ClassVar
-
-import httpx
 
 from optiserve.errors import ServingError
 from optiserve.procs import free_port, spawn, stop_group, tail
@@ -25,7 +22,7 @@ from optiserve.registry import Availability
 from optiserve.types import Endpoint, ServiceSpec
 
 from .. import k8s
-from .base import Target
+from .base import Target, wait_ready
 
 
 class KubernetesTarget(Target):
@@ -81,20 +78,21 @@ class KubernetesTarget(Target):
         )
         url = f"http://127.0.0.1:{port}"
         self._served[url] = (target, proc)
-        deadline = time.monotonic() + 60
-        with httpx.Client(timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    self._remove(url)
-                    raise ServingError(f"kubectl port-forward to {service} exited: {tail(log)}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get(f"{url}/v2/health/ready").status_code == 200:
-                        return Endpoint(
-                            service=spec.model_copy(update={"port": port}), url=url, target="kubernetes"
-                        )
-                time.sleep(0.5)
-        self._remove(url)
-        raise ServingError(f"{service} did not answer through kubectl port-forward within 60s")
+
+        def failure() -> str | None:
+            return (
+                f"kubectl port-forward to {service} exited: {tail(log)}" if proc.poll() is not None else None
+            )
+
+        try:
+            ready = wait_ready(f"{url}/v2/health/ready", 60, failure, interval_s=0.5)
+        except ServingError:
+            self._remove(url)
+            raise
+        if not ready:
+            self._remove(url)
+            raise ServingError(f"{service} did not answer through kubectl port-forward within 60s")
+        return Endpoint(service=spec.model_copy(update={"port": port}), url=url, target="kubernetes")
 
     def stop(self, endpoint: Endpoint) -> None:
         self._remove(endpoint.url)

@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, ClassVar
-
-import httpx
 
 from optiserve.errors import ServingError
 from optiserve.manifest import write_model
 from optiserve.procs import free_port, spawn, stop_group, tail
 from optiserve.types import Endpoint, ServiceSpec
 
-from .base import Target, startup_failed
+from .base import Target, startup_failed, wait_ready
 
 SERVICE_IMPORT = "optiserve.services.service:OptiserveService"
 
@@ -75,29 +72,24 @@ class LocalTarget(Target):
 
     def _wait_ready(self, name: str, url: str, log: Path) -> None:
         proc = self._procs[name]
-        deadline = time.monotonic() + self.ready_timeout_s
-        with httpx.Client(timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                if proc.poll() is not None:  # type: ignore[attr-defined]
-                    self._stop_name(name)
-                    raise ServingError(
-                        f"server for {name} exited during start-up; last lines of {log}:\n{tail(log)}"
-                    )
-                if _startup_failed(log):
-                    self._stop_name(name)
-                    raise ServingError(
-                        f"server for {name} failed to initialise; last lines of {log}:\n{tail(log)}"
-                    )
-                try:
-                    if client.get(f"{url}/readyz").status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.25)
-        self._stop_name(name)
-        raise ServingError(
-            f"server for {name} not ready after {self.ready_timeout_s:.0f}s; see {log}:\n{tail(log)}"
-        )
+
+        def failure() -> str | None:
+            if proc.poll() is not None:  # type: ignore[attr-defined]
+                return f"server for {name} exited during start-up; last lines of {log}:\n{tail(log)}"
+            if _startup_failed(log):
+                return f"server for {name} failed to initialise; last lines of {log}:\n{tail(log)}"
+            return None
+
+        try:
+            ready = wait_ready(f"{url}/readyz", self.ready_timeout_s, failure)
+        except ServingError:
+            self._stop_name(name)
+            raise
+        if not ready:
+            self._stop_name(name)
+            raise ServingError(
+                f"server for {name} not ready after {self.ready_timeout_s:.0f}s; see {log}:\n{tail(log)}"
+            )
 
     def stop(self, endpoint: Endpoint) -> None:
         name = self._names.pop(endpoint.url, None)
