@@ -32,6 +32,8 @@ def load_runtime(variant: Variant, runtime_name: str, workdir: Path, threads: Th
 
 
 def metric_for(spec: ModelSpec, reference_outputs: np.ndarray, targets: np.ndarray | None) -> Metric:
+    if targets is not None and np.issubdtype(targets.dtype, np.floating):
+        return "sts_spearman"  # gold scores of text pairs
     if targets is not None:
         return "top1_accuracy"
     if spec.task == "text-embedding":
@@ -55,7 +57,50 @@ def hits(out: np.ndarray, targets: np.ndarray, k: int = 1) -> np.ndarray:
     return found
 
 
+def pair_similarity(out: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each pair's embeddings: the first half of ``out`` against the second."""
+    n = len(out) // 2
+    a = out[:n].reshape(n, -1).astype(np.float64)
+    b = out[n : 2 * n].reshape(n, -1).astype(np.float64)
+    sims: np.ndarray = (a * b).sum(axis=1) / np.maximum(
+        np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12
+    )
+    return sims
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman's rank correlation along the last axis (ties get the mean rank), vectorised."""
+    from scipy.stats import rankdata
+
+    rx, ry = rankdata(x, axis=-1), rankdata(y, axis=-1)
+    rx = rx - rx.mean(axis=-1, keepdims=True)
+    ry = ry - ry.mean(axis=-1, keepdims=True)
+    rho: np.ndarray = (rx * ry).sum(axis=-1) / np.maximum(
+        np.sqrt((rx**2).sum(axis=-1) * (ry**2).sum(axis=-1)), 1e-12
+    )
+    return rho
+
+
+def sts_intervals(
+    mine: np.ndarray, reference: np.ndarray, gold: np.ndarray, seed: int = 0
+) -> tuple[Interval, Interval | None]:
+    """Paired bootstrap over pairs of Spearman's rho (mine) and of rho(mine) / rho(reference)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(gold), size=(BOOTSTRAP, len(gold)))
+    a, b = spearman(mine[idx], gold[idx]), spearman(reference[idx], gold[idx])
+    value = Interval(low=float(np.percentile(a, 2.5)), high=float(np.percentile(a, 97.5)))
+    # a resample of few pairs can rank nothing (the reference's rho <= 0): a ratio needs most to rank
+    valid = b > 0
+    if valid.mean() < 0.95:
+        return value, None
+    r = a[valid] / b[valid]
+    return value, Interval(low=float(np.percentile(r, 2.5)), high=float(np.percentile(r, 97.5)))
+
+
 def score(metric: Metric, out: np.ndarray, ref: np.ndarray, targets: np.ndarray | None) -> float:
+    if metric == "sts_spearman":
+        assert targets is not None
+        return float(spearman(pair_similarity(out), targets))
     if metric == "top1_accuracy":
         assert targets is not None
         return float(hits(out, targets).mean())
@@ -134,10 +179,13 @@ def evaluate_outputs(
     value = score(metric, out, ref_out, targets)
     reference_value = score(metric, ref_out, ref_out, targets)
     gated = gate if metric != "max_abs_diff" else None
-    classifier = ref_out.ndim == 2 and ref_out.shape[1] > 1
+    classifier = ref_out.ndim == 2 and ref_out.shape[1] > 1 and variant.model.task != "text-embedding"
     agreement = score("top1_agreement", out, ref_out, None) if classifier else None
     value_ci = ratio_ci = None
-    if metric != "max_abs_diff":
+    if metric == "sts_spearman":
+        assert targets is not None
+        value_ci, ratio_ci = sts_intervals(pair_similarity(out), pair_similarity(ref_out), targets)
+    elif metric != "max_abs_diff":
         value_ci, ratio_ci = paired_intervals(
             per_sample(metric, out, ref_out, targets), per_sample(metric, ref_out, ref_out, targets)
         )
@@ -156,7 +204,7 @@ def evaluate_outputs(
         metric=metric,
         value=value,
         reference_value=reference_value,
-        n_samples=len(out),
+        n_samples=len(targets) if metric == "sts_spearman" and targets is not None else len(out),
         max_abs_diff=score("max_abs_diff", out, ref_out, None),
         agreement=agreement,
         gate=gated,

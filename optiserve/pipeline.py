@@ -22,6 +22,8 @@ from optiserve.manifest import list_variants, read_model, variant_dir, write_mod
 from optiserve.progress import Steps
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from optiserve.loadtests.scenarios.base import Scenario
     from optiserve.optimizers.base import OptimizeContext
     from optiserve.userdata import UserData
@@ -113,8 +115,15 @@ def optimize(config: ExperimentConfig, spec: ModelSpec, steps: Steps) -> tuple[l
         else:
             runnable.append(opt)
     if any(opt.needs_calibration for opt in runnable):
-        with steps.task(f"Loading {config.calibration.samples} calibration samples"):
-            ctx.calibration(spec)
+        source = config.calibration.data or config.calibration.path
+        what = (
+            f"calibration samples from {source}"
+            if source
+            else f"{config.calibration.samples} calibration samples"
+        )
+        with steps.task(f"Loading {what}"):
+            n = len(ctx.calibration(spec))
+        steps.note(f"  calibration: {n} samples ({source or 'the model’s calibration split'})")
     with steps.task(f"Loading {spec.name}"):
         variants = [materialize_source(spec, config.workdir)]
     for opt in runnable:
@@ -191,6 +200,23 @@ def user_eval_set(config: ExperimentConfig, spec: ModelSpec) -> UserData | None:
     return evaluation
 
 
+def _first_samples(user: UserData, n: int) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """The first ``n`` samples of a user set (of pairs: the first ``n`` pairs, both texts of each)."""
+    import numpy as np
+
+    if user.pairs:
+        assert user.labels is not None
+        total = len(user.labels)
+        k = min(n, total)
+        inputs = np.concatenate([user.inputs[:k], user.inputs[total : total + k]])
+        labels: np.ndarray | None = user.labels[:k]
+    else:
+        total = len(user.inputs)
+        k = min(n, total)
+        inputs, labels = user.inputs[:k], None if user.labels is None else user.labels[:k]
+    return inputs, labels, user.description if k == total else f"{k} of {user.description}"
+
+
 def check_user_data(config: ExperimentConfig, spec: ModelSpec) -> None:
     """Read and check the user's eval and calibration sets before any work (bad input: one line, exit 2,
     nothing written)."""
@@ -204,9 +230,21 @@ def check_user_data(config: ExperimentConfig, spec: ModelSpec) -> None:
 
 
 def reference_pair(p: Plan) -> tuple[Variant, str]:
-    """The FP32 source variant on its first runtime: what every other pair is compared with."""
+    """The FP32 source variant on its first runtime: what every other pair is compared with. When the
+    runtimes asked for (``-r``) leave the source out, it is still evaluated, on a runtime that can."""
+    from optiserve.services.runtimes.base import Runtime
+
     source = next(v for v in p.variants if v.parent_id is None)
-    return next(pair for pair in p.pairs if pair[0].id == source.id)
+    served = next((pair for pair in p.pairs if pair[0].id == source.id), None)
+    if served is not None:
+        return served
+    for name, runtime in Runtime.registry().items():
+        if runtime.serves(source) and runtime.availability().ok:
+            return source, name
+    raise OptiserveError(
+        f"no available runtime can run the FP32 source {source.id} to compare the variants with",
+        hint="see `optiserve doctor`",
+    )
 
 
 def evaluate(
@@ -223,9 +261,7 @@ def evaluate(
 
     user = user_eval_set(config, p.spec)
     if user is not None:
-        n = min(config.eval.samples, len(user.inputs))
-        inputs, labels = user.inputs[:n], None if user.labels is None else user.labels[:n]
-        description = user.description if n == len(user.inputs) else f"{n} of {user.description}"
+        inputs, labels, description = _first_samples(user, config.eval.samples)
         stress_inputs = None
     else:
         inputs, description = dataset(p.spec, "eval", config.eval.samples)

@@ -90,6 +90,7 @@ def concurrencies(report: Report) -> list[LevelKey]:
 _METRIC_NAMES = {
     "top1_accuracy": "top-1 acc",
     "top1_agreement": "top-1 agree",
+    "sts_spearman": "STS Spearman",
     "cosine_similarity": "cosine",
     "max_abs_diff": "max|Δ|",
 }
@@ -112,6 +113,8 @@ def _accuracy(ev: Evaluation | None) -> str:
     if ev.metric == "top1_agreement":
         ci = f" [{ev.value_ci.low * 100:.1f}, {ev.value_ci.high * 100:.1f}]" if ev.value_ci else ""
         return f"{name} {ev.value * 100:.1f}%{ci} (n={ev.n_samples}, no labels)"
+    if ev.metric == "sts_spearman":
+        return f"{name} {ev.value:.3f}{_ratio(ev)} (n={ev.n_samples} pairs)"
     if ev.metric == "cosine_similarity":
         return f"{name} {ev.value:.4f} (n={ev.n_samples})"
     return f"{name} {ev.value:.2e} (n={ev.n_samples})"

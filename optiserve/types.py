@@ -131,7 +131,9 @@ class MicroBench(Frozen):
     batch_throughput: float = Field(description="samples per second at `batch`")
 
 
-Metric = Literal["top1_accuracy", "top1_agreement", "cosine_similarity", "max_abs_diff"]
+Metric = Literal["top1_accuracy", "top1_agreement", "sts_spearman", "cosine_similarity", "max_abs_diff"]
+"""``sts_spearman``: Spearman correlation of the embeddings' cosine similarity with the gold scores of
+labelled text pairs (an STS set); the task metric of an embedding model."""
 
 
 class Interval(Frozen):

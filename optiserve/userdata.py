@@ -6,6 +6,7 @@
   without one, its position among the sorted sub-folder names;
 - a ``.csv`` (with a header) or ``.jsonl`` of ``path,label`` (images; paths relative to the file) or
   ``text,label`` rows; a label is a class index, or a class name of the labels file or the model;
+  or ``text1,text2,score`` rows: labelled text pairs (an STS set) for an embedding model;
 - an ``.npz`` with ``x`` (preprocessed tensors, the model's input shape) and optionally ``y`` (labels).
 
 Images go through the model's own preprocessing (built-ins), or through the one a user declares for an
@@ -74,9 +75,12 @@ class Preprocess(BaseModel):
 class UserData:
     inputs: np.ndarray
     labels: np.ndarray | None
+    """One class per sample; for text pairs, one gold score per pair (float)."""
     description: str
     keys: tuple[str, ...]
     """One per sample, to check that two sets share nothing: a resolved file path, or a digest."""
+    pairs: bool = False
+    """Text pairs: ``inputs`` holds every pair's first texts, then their second texts, in order."""
 
 
 _CACHE: dict[tuple[str, ...], UserData] = {}
@@ -216,10 +220,13 @@ def _table(
 ) -> UserData:
     rows = _rows(path, what)
     columns = set(rows[0])
+    if {"text1", "text2", "score"} <= columns:
+        return _pairs(rows, path, spec, what)
     source = "path" if "path" in columns else "text" if "text" in columns else None
     if source is None or "label" not in columns:
         raise ConfigError(
-            f"{what} {path}: expected columns path,label or text,label (found: {', '.join(sorted(columns))})"
+            f"{what} {path}: expected columns path,label or text,label (or text1,text2,score) "
+            f"(found: {', '.join(sorted(columns))})"
         )
     names = _label_names(spec, labels_file)
     labels = [_label(r.get("label"), names, path, i, what) for i, r in enumerate(rows)]
@@ -237,6 +244,31 @@ def _table(
         labels=np.asarray(labels, dtype=np.int64),
         description=f"{len(rows)} labelled {'images' if source == 'path' else 'texts'} from {path}",
         keys=keys,
+    )
+
+
+def _pairs(rows: list[dict[str, Any]], path: Path, spec: ModelSpec, what: str) -> UserData:
+    """Labelled text pairs: the embeddings' cosine similarity is ranked against the gold scores."""
+    import numpy as np
+
+    if spec.task != "text-embedding":
+        raise ConfigError(f"{what} {path}: text pairs with scores need an embedding model, not {spec.name}")
+    scores = []
+    for i, r in enumerate(rows):
+        try:
+            scores.append(float(r["score"]))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{what} {path}: row {i + 1}: score {r.get('score')!r} is not a number") from e
+    if len(rows) < 3:
+        raise ConfigError(f"{what} {path}: {len(rows)} pairs; a rank correlation needs at least 3")
+    texts = [str(r["text1"]) for r in rows] + [str(r["text2"]) for r in rows]
+    inputs = _texts(texts, spec, what, path)
+    return UserData(
+        inputs=inputs,
+        labels=np.asarray(scores, dtype=np.float64),
+        description=f"{len(rows)} scored text pairs from {path}",
+        keys=tuple(hashlib.sha256(f"{r['text1']}\x00{r['text2']}".encode()).hexdigest()[:16] for r in rows),
+        pairs=True,
     )
 
 
@@ -346,7 +378,7 @@ def _texts(texts: list[str], spec: ModelSpec, what: str, path: Path) -> np.ndarr
 
 
 def _check_labels(data: UserData, spec: ModelSpec, path: Path, what: str) -> None:
-    if data.labels is None:
+    if data.labels is None or data.pairs:
         return
     classes = spec.outputs[0].shape[-1] if spec.outputs and spec.outputs[0].shape else None
     bad = [int(y) for y in data.labels if y < 0 or (classes is not None and y >= classes)]

@@ -193,3 +193,37 @@ def test_images_without_a_declared_preprocessing_are_refused(user_model: Path, t
     assert done.returncode == 2, done.stderr
     (line,) = error_lines(done.stderr)
     assert "images need model.preprocess" in line
+
+
+@pytest.mark.slow
+def test_an_embedding_model_is_gated_on_scored_text_pairs(tmp_path: Path) -> None:
+    """STS: the embeddings' cosine similarity ranked against gold scores (Spearman), for every variant."""
+    pairs = [
+        ("A man is playing a guitar.", "A person plays the guitar.", 4.6),
+        ("A man is playing a guitar.", "A woman is slicing an onion.", 0.2),
+        ("The cat sits on the mat.", "A cat is sitting on a rug.", 4.0),
+        ("The cat sits on the mat.", "Stock markets fell sharply today.", 0.0),
+        ("Children are playing in the park.", "Kids play outside in a park.", 4.4),
+        ("Children are playing in the park.", "A plane is taking off.", 0.3),
+        ("The weather is sunny and warm.", "It is a hot, bright day.", 3.8),
+        ("The weather is sunny and warm.", "He repaired the old bicycle.", 0.1),
+        ("She is reading a book.", "A woman reads a novel.", 4.2),
+        ("She is reading a book.", "The orchestra played a symphony.", 0.4),
+    ]
+    lines = ["text1,text2,score", *(f'"{a}","{b}",{s}' for a, b, s in pairs)]
+    (tmp_path / "sts.csv").write_text("\n".join(lines) + "\n")
+    config = {
+        "model": {"ref": "minilm-l6"},
+        "workdir": str(tmp_path / "work"),
+        "optimizers": [{"name": "onnx-export"}],
+        "serving": {"runtimes": ["onnxruntime"]},
+        "eval": {"data": str(tmp_path / "sts.csv"), "microbench": False},
+    }
+    (tmp_path / "x.yaml").write_text(yaml.safe_dump(config))
+    done = run_cli("optimize", tmp_path / "x.yaml", cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr
+    found = [json.loads(p.read_text()) for p in (tmp_path / "work" / "variants").glob("*/evaluation.*.json")]
+    assert found and {e["metric"] for e in found} == {"sts_spearman"}
+    for ev in found:
+        assert ev["n_samples"] == 10 and ev["reference_value"] > 0.8  # MiniLM ranks these pairs right
+        assert ev["ratio_ci"] is not None and ev["passed"]
