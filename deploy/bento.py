@@ -29,8 +29,9 @@ from optiserve.types import ServiceSpec
 
 SPEC_IN_BENTO = "model/service.json"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-SERVING_BASE = ("bentoml", "numpy", "pydantic", "pyyaml", "typer", "rich", "psutil", "httpx", "pillow")
-"""Distributions every Bento needs whatever the runtime (the service, its validation and decoding)."""
+SERVING_BASE = ("bentoml", "pillow")
+"""Distributions every Bento needs whatever the runtime (the service, image decoding), besides
+optiserve's own dependencies (read from its installed metadata, so a new one cannot be forgotten)."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def pinned_requirements(spec: ServiceSpec) -> tuple[str, ...]:
         # torch variants rebuild the module from the model's own code; other runtimes only preprocess.
         imports += model.requires if "torch" in runtime.formats else model.serving_requires
     by_import = md.packages_distributions()
-    names: list[str] = list(SERVING_BASE)
+    names: list[str] = [*SERVING_BASE, *core_dependencies()]
     for module in imports:
         names += by_import.get(module, [module])
     pins = []
@@ -88,6 +89,20 @@ def pinned_requirements(spec: ServiceSpec) -> tuple[str, ...]:
                 f"cannot pin {name}: it is not installed here (needed by {spec.runtime})"
             ) from e
     return tuple(sorted(pins))
+
+
+def core_dependencies() -> list[str]:
+    """The distributions optiserve itself requires (no extras), from its installed metadata."""
+    import re
+
+    found = []
+    for requirement in md.requires("optiserve") or []:
+        if "extra ==" in requirement:
+            continue
+        match = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement)
+        if match:
+            found.append(match.group(0))
+    return found
 
 
 def build_wheel(out_dir: Path) -> Path:

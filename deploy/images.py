@@ -108,7 +108,7 @@ COPY wheels/ /wheels/
 RUN python3 -m venv /opt/venv \\
  && /opt/venv/bin/pip install --no-index --no-cache-dir --disable-pip-version-check \\
       --find-links /wheels -r /wheels/requirements.txt /wheels/optiserve/*.whl \\
- && /opt/venv/bin/pip uninstall -y -q pip setuptools wheel 2>/dev/null || true
+ && (/opt/venv/bin/pip uninstall -y -q pip setuptools wheel 2>/dev/null || true)
 
 FROM {base}
 COPY --from=deps /opt/venv /opt/venv
@@ -122,6 +122,8 @@ ENV PATH=/opt/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin \\
     OPTISERVE_SERVICE_SPEC={SPEC_IN_IMAGE} \\
     PYTHONDONTWRITEBYTECODE=1
 LABEL {label_lines}
+# A build that cannot import the server fails here, not when the container starts.
+RUN python -c "import bentoml, optiserve.services.service"
 WORKDIR {BENTO_DIR}
 USER {UID}:{UID}
 EXPOSE {PORT}
