@@ -12,7 +12,7 @@ TEST_EXTRAS := $(RUN_EXTRAS),dev,deploy
 ARGS ?=
 PYTEST_ARGS ?= -q
 
-.PHONY: run test lint typecheck pytest venv clean system-deps docker-daemon
+.PHONY: run test lint typecheck pytest venv clean system-deps docker-daemon photos
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,7 @@ venv: $(VENV)/.test-deps
 
 ## run: optimize → serve → load test → report on the built-in default model (efficientnet-lite0).
 run: $(VENV)/.run-deps
+	-@$(MAKE) --no-print-directory photos
 	$(VENV)/bin/optiserve run $(ARGS)
 
 ## test: the Debian packages the tests use, format check, lint, mypy on optiserve/, then every test (pytest
@@ -67,6 +68,13 @@ system-deps:
 	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) \
 	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(PHOTO_PACKAGES); fi
 	@$(MAKE) --no-print-directory docker-daemon
+
+## photos: the Debian packages whose photos make efficientnet-lite0's labelled evaluation set (`make run`
+## installs them when root; without them the set is smaller and the run's report says which are missing).
+photos:
+	@if dpkg -s $(PHOTO_PACKAGES) >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" != 0 ]; then echo "note: efficientnet-lite0's labelled photos are incomplete; as root: apt-get install --no-install-recommends $(PHOTO_PACKAGES)" >&2; exit 1; \
+	else echo "installing the labelled photos: $(PHOTO_PACKAGES)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(PHOTO_PACKAGES); fi
 
 ## docker-daemon: start dockerd in the background when `docker info` does not answer (root only), and wait
 ## for it; says what it did either way. Without docker's userland proxy, a port published on 127.0.0.1
