@@ -165,7 +165,10 @@ def bad_shape(tmp_path: Path) -> dict[str, object]:
         (bad_folder_no_images, "no images"),
         (bad_unreadable_file, "broken.png: not a readable image"),
         (bad_label_outside_classes, "label 7 is outside the model's classes (0-2)"),
-        (bad_csv_columns, "expected columns path,label or text,label (found: class, file)"),
+        (
+            bad_csv_columns,
+            "expected columns path,label or text,label (or text1,text2,score) (found: class, file)",
+        ),
         (bad_overlap, "share 9 samples"),
         (bad_shape, "x has samples of shape (3, 5, 5), the model takes (n, 3, 8, 8)"),
     ],
