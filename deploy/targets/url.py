@@ -18,14 +18,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import httpx
 
 from optiserve.errors import ConfigError, ServingError
+from optiserve.services.validation import OIP_TO_NUMPY
 from optiserve.types import Endpoint, ModelSpec, ServiceSpec, TensorSpec, Variant
 
 from .base import Target
 
 if TYPE_CHECKING:
     import numpy as np
-
-DTYPES = {"FP32": "float32", "FP16": "float16", "INT64": "int64", "INT32": "int32", "UINT8": "uint8"}
 
 
 class UrlTarget(Target):
@@ -45,7 +44,8 @@ class UrlTarget(Target):
         # cpus: the server runs wherever its owner put it; only the load generator is pinned from here.
         check_ready(self.url, spec.variant.model.name)
         split = httpx.URL(self.url)
-        service = spec.model_copy(update={"host": split.host, "port": split.port or 80})
+        port = split.port or (443 if split.scheme == "https" else 80)
+        service = spec.model_copy(update={"host": split.host, "port": port})
         return Endpoint(service=service, url=self.url, target="url")
 
     def stop(self, endpoint: Endpoint) -> None:
@@ -164,7 +164,7 @@ def probe_encoding(url: str, model_name: str, input_name: str, sample: np.ndarra
 
 def _tensor(meta: dict[str, Any], what: str) -> TensorSpec:
     try:
-        dtype = DTYPES[str(meta["datatype"]).upper()]
+        dtype = OIP_TO_NUMPY[str(meta["datatype"]).upper()]  # a dtype our specs lack fails validation
         shape = tuple(None if int(d) < 0 else int(d) for d in meta["shape"])
         return TensorSpec(name=str(meta["name"]), dtype=dtype, shape=shape)  # type: ignore[arg-type]
     except (KeyError, TypeError, ValueError) as e:
