@@ -29,9 +29,10 @@ from optiserve.types import ServiceSpec
 
 SPEC_IN_BENTO = "model/service.json"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-SERVING_BASE = ("bentoml", "pillow")
-"""Distributions every Bento needs whatever the runtime (the service, image decoding), besides
-optiserve's own dependencies (read from its installed metadata, so a new one cannot be forgotten)."""
+SERVING_BASE = ("pillow",)
+"""Distributions every Bento needs whatever the runtime (image decoding), besides optiserve's own
+dependencies and its ``serve`` extra (BentoML, the HTTP parser, the JSON libraries), which are read
+from its installed metadata so that a new one cannot be forgotten."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def pinned_requirements(spec: ServiceSpec) -> tuple[str, ...]:
         # torch variants rebuild the module from the model's own code; other runtimes only preprocess.
         imports += model.requires if "torch" in runtime.formats else model.serving_requires
     by_import = md.packages_distributions()
-    names: list[str] = [*SERVING_BASE, *core_dependencies()]
+    names: list[str] = [*SERVING_BASE, *core_dependencies(), *core_dependencies("serve")]
     for module in imports:
         names += by_import.get(module, [module])
     pins = []
@@ -91,13 +92,16 @@ def pinned_requirements(spec: ServiceSpec) -> tuple[str, ...]:
     return tuple(sorted(pins))
 
 
-def core_dependencies() -> list[str]:
-    """The distributions optiserve itself requires (no extras), from its installed metadata."""
+def core_dependencies(extra: str | None = None) -> list[str]:
+    """The distributions optiserve itself requires (no extras), or those its ``extra`` adds, from its
+    installed metadata."""
     import re
 
     found = []
     for requirement in md.requires("optiserve") or []:
-        if "extra ==" in requirement:
+        marker = requirement.partition(";")[2]
+        wanted = f'extra == "{extra}"' if extra else None
+        if (wanted is None and "extra ==" in marker) or (wanted is not None and wanted not in marker):
             continue
         match = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement)
         if match:

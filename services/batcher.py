@@ -1,28 +1,40 @@
-"""The one adaptive batcher every protocol goes through: BentoML's own (``CorkDispatcher``).
+"""The one adaptive batcher every protocol goes through: a plain asyncio dispatcher of our own.
 
-BentoML's ``@bentoml.api(batchable=True)`` builds a dispatcher per API inside its HTTP layer, so two
-endpoints (the native one and the Open Inference Protocol) would get two queues and never batch
-together. Here one dispatcher, with the ServiceSpec's ``max_batch_size`` and ``max_latency_ms``, is
-shared by every endpoint. Its controller is work-conserving (a batch of whatever is queued goes out as
-soon as the runtime is free, one batch in flight at a time, so batches grow with the load and a lone
-request never waits); load shedding when a request cannot meet ``max_latency_ms`` uses BentoML's batch
-time model (see ``MeasuredDispatcher``).
+One batcher per server, with the ServiceSpec's ``max_batch_size`` and ``max_latency_ms``, shared by
+every endpoint, so requests from different protocols batch together.
 
-What it adds:
+It is work-conserving: one batch in flight at a time, and the moment the runtime frees up whatever is
+queued (up to ``max_batch_size`` samples) goes out as the next batch; a request that finds the runtime
+free and nothing queued runs at once. Batches therefore grow with the load (requests queue while a batch
+runs, as in Triton's dynamic batcher with no queue delay) and a lone request never waits for company.
+(BentoML's own dispatcher, used before, polled every millisecond while a batch ran and held a lone
+request back for the average queue wait of its last 50 batches: 275 ms a request at 1 user after a
+32-user burst, 13 ms before it, with efficientnet-lite0.)
+
+Load shedding: as the runtime frees up, while more than one request waits, the oldest is refused (HTTP
+503) if its wait plus the predicted time of the next batch exceeds ``max_latency_ms``. The prediction is
+a least-squares fit ``seconds = a·samples + b`` over the last :data:`MODEL_WINDOW` measured batches
+(:class:`BatchTimeModel`), refitted after every batch.
+
+What else it does:
 
 - queue wait (enqueue → dispatch, per request) and batch size/inference time go to the metrics contract;
-- a request larger than ``max_batch_size`` is split by the dispatcher and reassembled;
+- a request larger than ``max_batch_size`` is split into batches of at most that size and reassembled;
 - samples of different lengths on a dynamic axis (token ids) are padded to the longest when the model
   declares a pad value, and otherwise run as separate groups of equal shape, so batching never
   changes a result;
-- a shed request raises :class:`~optiserve.errors.ServingError` (HTTP 503) with what to change.
+- a shed request raises :class:`~optiserve.errors.ServingError` (HTTP 503) with what to change;
+- a failing runtime fails the requests of that batch, never the batcher.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 from optiserve.errors import ServingError
 
@@ -31,7 +43,6 @@ if TYPE_CHECKING:
 
     import numpy as np
 
-    from optiserve.metrics import ServiceMetrics
 
 InferFn = Callable[["np.ndarray"], "np.ndarray"]
 INLINE_MAX_S = 0.025
@@ -40,111 +51,68 @@ inference thread when the previous one took less than this: that saves two threa
 request measured on a 2-vCPU VM, 1.5% of efficientnet-lite0's 12 ms there) and blocks the loop (health
 checks, metrics, other connections' reads) for about this long at most. The first lone request always
 runs on the inference thread."""
+MODEL_WINDOW = 100
+"""Batches the batch-time model is fitted to (the most recent ones, so it follows a changing machine)."""
 
 
-def _dispatcher_class() -> type:
-    import asyncio
-    import logging
+class BatchObserver(Protocol):
+    """Where measured batches and queue waits go (the metrics contract, statistics)."""
 
-    from bentoml._internal.marshal.dispatcher import CorkDispatcher
+    def batch(self, size: int, inference_s: float) -> None: ...
 
-    log = logging.getLogger("optiserve.batcher")
+    def queue_waits(self, waits_s: list[float]) -> None: ...
 
-    class MeasuredDispatcher(CorkDispatcher):  # type: ignore[misc,type-arg]
-        """BentoML's CorkDispatcher with a work-conserving controller that reports queue waits.
 
-        BentoML's own controller (1.4) polls every millisecond while a batch runs, and when the runtime
-        is free it holds a lone request back for as long as the average queue wait of the last 50
-        batches. Under saturation that average is the time requests spent behind the running batch,
-        so once the load drops every request is held that long, and the wait it then observes keeps it
-        there (measured with efficientnet-lite0: 275 ms a request at 1 user after a 32-user burst,
-        13 ms before it). This controller dispatches whatever is queued, up to ``max_batch_size``, the
-        moment the runtime is free and is woken by the batch finishing rather than by a timer. Batches
-        still grow with the load, since requests queue while a batch runs (Triton's dynamic batcher
-        with no queue delay does the same). Load shedding is BentoML's rule, checked each time the
-        runtime frees up (BentoML checked every millisecond, so a doomed request now hears its 503 when
-        the running batch ends): while more than one request waits, the oldest is refused (503) if its
-        wait plus the fitted time of a batch (``o_a·n + o_b``, learned from measured batches) exceeds
-        ``max_latency``.
-        """
+class BatchTimeModel:
+    """Seconds a batch of ``n`` samples takes, ``a·n + b``, fitted by least squares to measured batches.
 
-        on_dispatch: Callable[[list[float]], None] | None = None
-        run_inline: Callable[[Sequence[Any]], list[Any]] | None = None
-        """The batch callback's synchronous body, for :meth:`run_if_idle`."""
-        lone_s = float("inf")
-        """How long the last lone one-sample request took (none yet: never inline)."""
+    Running sums over a sliding window keep each update O(1). With one batch size only, ``b`` cannot be
+    told from ``a``, so the fit is proportional (``b = 0``); both stay non-negative. Before any batch it
+    predicts 0 (nothing is shed before the warm-up measured the runtime).
+    """
 
-        @property
-        def _busy(self) -> Any:
-            """BentoML's semaphore (one batch in flight), untyped."""
-            return self._sema
+    def __init__(self, window: int = MODEL_WINDOW) -> None:
+        self._points: deque[tuple[int, float]] = deque()
+        self._window = window
+        self._sn = self._ss = self._snn = self._sns = 0.0
+        self.a = self.b = 0.0
 
-        def _can_dispatch(self) -> bool:
-            return bool(self._queue) and not self._busy.is_locked()
+    def observe(self, n: int, seconds: float) -> None:
+        self._points.append((n, seconds))
+        self._add(n, seconds, 1)
+        if len(self._points) > self._window:
+            self._add(*self._points.popleft(), -1)
+        self._fit()
 
-        def _shed_late(self) -> None:
-            now = time.time()
-            a, b = self.optimizer.o_a, self.optimizer.o_b
-            while len(self._queue) > 1:
-                batch = min(len(self._queue), self.max_batch_size)
-                if now - self._queue[0].enqueue_time + a * batch + b < self.max_latency:
-                    break
-                self._queue.popleft().future.cancel()
+    def predict(self, n: int) -> float:
+        return self.a * n + self.b
 
-        async def controller(self) -> None:
-            while True:
-                try:
-                    async with self._wake_event:
-                        await self._wake_event.wait_for(self._can_dispatch)
-                    self._shed_late()
-                    self._busy.acquire()
-                    inputs_info = tuple(self._get_inputs())
-                    self._loop.create_task(self.outbound_call(inputs_info))
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("the batcher could not dispatch a batch")
+    def _add(self, n: int, s: float, sign: int) -> None:
+        self._sn += sign * n
+        self._ss += sign * s
+        self._snn += sign * n * n
+        self._sns += sign * n * s
 
-        async def run_if_idle(self, data: Any) -> tuple[bool, Any]:
-            """``(True, result)`` after running ``data`` as a batch of its own, when the runtime is
-            free and nothing is queued (the batch the controller would form, without the hand-offs
-            through the queue and the controller task); ``(False, None)`` otherwise. A one-sample
-            request runs on the event loop's thread when the previous one took under ``INLINE_MAX_S``."""
-            if self._queue or self._busy.is_locked() or self.get_batch_size(data) > self.max_batch_size:
-                return False, None
-            if self._controller is None:
-                self._controller = self._loop.create_task(self.controller())  # type: ignore[assignment]
-            self._busy.acquire()
-            if self.on_dispatch is not None:
-                self.on_dispatch([0.0])
-            started = time.time()
-            try:
-                single = self.get_batch_size(data) == 1
-                if single and self.run_inline is not None and self.lone_s < INLINE_MAX_S:
-                    (result,) = self.run_inline((data,))
-                else:
-                    (result,) = await self.callback((data,))
-                took = time.time() - started
-                if single:
-                    self.lone_s = took
-                self.optimizer.log_outbound(n=1, wait=0.0, duration=took)
-                return True, result
-            finally:
-                self._busy.release()
-                async with self._wake_event:
-                    self._wake_event.notify_all()
+    def _fit(self) -> None:
+        k = len(self._points)
+        spread = k * self._snn - self._sn * self._sn
+        if spread > 1e-9 * max(1.0, self._snn):
+            a = (k * self._sns - self._sn * self._ss) / spread
+            b = (self._ss - a * self._sn) / k
+        else:
+            a, b = (self._ss / self._sn if self._sn else 0.0), 0.0
+        if a < 0:  # noise on a flat curve: the mean time, whatever the size
+            a, b = 0.0, self._ss / k
+        if b < 0:
+            a, b = (self._ss / self._sn if self._sn else 0.0), 0.0
+        self.a, self.b = a, b
 
-        async def outbound_call(self, inputs_info: Any, training: bool = False) -> None:
-            if self.on_dispatch is not None:
-                now = time.time()
-                self.on_dispatch([now - job.enqueue_time for job in inputs_info])
-            try:
-                await super().outbound_call(inputs_info, training)
-            finally:
-                async with self._wake_event:  # the runtime is free: dispatch what queued meanwhile
-                    self._wake_event.notify_all()
 
-    return MeasuredDispatcher
+@dataclass
+class _Job:
+    data: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    enqueued: float = field(default_factory=time.perf_counter)
 
 
 class Batcher:
@@ -156,7 +124,7 @@ class Batcher:
         max_latency_ms: int,
         enabled: bool = True,
         pad_value: float | None = None,
-        metrics: ServiceMetrics | None = None,
+        metrics: BatchObserver | None = None,
     ) -> None:
         self._infer = infer
         self.enabled = enabled
@@ -164,54 +132,132 @@ class Batcher:
         self.max_latency_ms = max_latency_ms
         self.pad_value = pad_value
         self.metrics = metrics
-        self._call: Callable[[np.ndarray], Awaitable[np.ndarray]] | None = None
-        self._dispatcher: Any = None
+        self.model = BatchTimeModel()
+        self._queue: deque[_Job] = deque()
+        self._queued_samples = 0
+        self._busy = False
+        self._lone_s = float("inf")
+        """How long the last lone one-sample request took (none yet: never inline)."""
         self._executor: ThreadPoolExecutor | None = None
-
-    def _dispatch(self) -> Callable[[np.ndarray], Awaitable[np.ndarray]]:
-        """Created on first use, so the dispatcher binds to the server's running event loop."""
-        if self._call is None:
-            cls = _dispatcher_class()
-            dispatcher = cls(
-                max_latency_in_ms=self.max_latency_ms,
-                max_batch_size=self.max_batch_size,
-                fallback=self._shed,
-                get_batch_size=len,
-                batch_dim=(0, 0),
-            )
-            if self.metrics is not None:
-                dispatcher.on_dispatch = self.metrics.queue_waits
-            dispatcher.run_inline = self._run_parts
-            self._call = dispatcher(self._run_batch)
-            self._dispatcher = dispatcher
-        return self._call
+        self._tasks: set[asyncio.Task[None]] = set()  # running batches (a reference keeps each alive)
 
     def fit_latency_model(self) -> tuple[float, float] | None:
-        """Refit the batch-time model (seconds = a·samples + b) that load shedding uses to the batches
-        measured so far (BentoML refits it by itself at most every 5 s); returns (a, b)."""
-        if self._dispatcher is None:
+        """The batch-time model load shedding uses (seconds = a·samples + b), or None before any batch."""
+        if not self.model._points:
             return None
-        optimizer = self._dispatcher.optimizer
-        optimizer.trigger_refresh()
-        return float(optimizer.o_a), float(optimizer.o_b)
+        return self.model.a, self.model.b
 
     async def __call__(self, batch: np.ndarray) -> np.ndarray:
         """Infer one request's samples (first axis), batched with whatever else is queued."""
         if not self.enabled:
-            import anyio
+            out: np.ndarray = await self._in_thread(self._run_one, batch)
+            return out
+        if len(batch) > self.max_batch_size:
+            import numpy as np
 
-            return await anyio.to_thread.run_sync(self._run_one, batch)
-        call = self._dispatch()
-        ran, result = await self._dispatcher.run_if_idle(batch)
-        if not ran:
-            result = await call(batch)
-        return result  # type: ignore[no-any-return]
+            step = self.max_batch_size
+            parts = await asyncio.gather(*(self(batch[i : i + step]) for i in range(0, len(batch), step)))
+            return np.concatenate(parts)
+        if not self._busy and not self._queue:
+            return await self._run_alone(batch)
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Job(batch, future))
+        self._queued_samples += len(batch)
+        self._dispatch()
+        return await future
 
-    def _shed(self) -> Any:
-        raise ServingError(
+    async def _run_alone(self, batch: np.ndarray) -> np.ndarray:
+        """The batch the dispatcher would form from this request alone, without the queue's hand-offs;
+        a one-sample request runs on the event loop's thread when the last one took < INLINE_MAX_S."""
+        self._busy = True
+        if self.metrics is not None:
+            self.metrics.queue_waits([0.0])
+        started = time.perf_counter()
+        single = len(batch) == 1
+        try:
+            if single and self._lone_s < INLINE_MAX_S:
+                (result,) = self._run_parts([batch])
+            else:
+                (result,) = await self._in_thread(self._run_parts, [batch])
+            took = time.perf_counter() - started
+            if single:
+                self._lone_s = took
+            self.model.observe(len(batch), took)
+            return result
+        finally:
+            self._busy = False
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        """If the runtime is free, shed what cannot make its deadline and start the next batch."""
+        if self._busy:
+            return
+        self._shed_late()
+        jobs: list[_Job] = []
+        samples = 0
+        while self._queue and samples + len(self._queue[0].data) <= self.max_batch_size:
+            job = self._pop()
+            if job.future.done():  # its client went away
+                continue
+            jobs.append(job)
+            samples += len(job.data)
+        if not jobs:
+            return
+        self._busy = True
+        task = asyncio.get_running_loop().create_task(self._run_jobs(jobs, samples))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _pop(self) -> _Job:
+        job = self._queue.popleft()
+        self._queued_samples -= len(job.data)
+        return job
+
+    def _shed_late(self) -> None:
+        now = time.perf_counter()
+        deadline = self.max_latency_ms / 1000
+        while len(self._queue) > 1:
+            oldest = self._queue[0]
+            batch = min(self._queued_samples, self.max_batch_size)
+            if now - oldest.enqueued + self.model.predict(batch) < deadline:
+                break
+            self._pop()
+            if not oldest.future.done():
+                oldest.future.set_exception(self._overloaded())
+
+    async def _run_jobs(self, jobs: list[_Job], samples: int) -> None:
+        started = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.queue_waits([started - job.enqueued for job in jobs])
+        try:
+            results = await self._in_thread(self._run_parts, [job.data for job in jobs])
+        except Exception as e:
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(e)
+        else:
+            self.model.observe(samples, time.perf_counter() - started)
+            for job, result in zip(jobs, results, strict=True):
+                if not job.future.done():
+                    job.future.set_result(result)
+        finally:
+            self._busy = False
+            self._dispatch()
+
+    def _overloaded(self) -> ServingError:
+        return ServingError(
             f"server overloaded: the batcher could not answer within max_latency_ms={self.max_latency_ms}",
             hint="retry later, add replicas, or raise batching.max_latency_ms",
         )
+
+    async def _in_thread(self, fn: Callable[[Any], Any], arg: object) -> Any:
+        # One batch runs at a time, so one dedicated thread serves; run_in_executor costs ~30 µs less
+        # per hand-off than anyio's worker pool.
+        if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optiserve-infer")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, arg)
 
     def _run_one(self, batch: np.ndarray) -> np.ndarray:
         started = time.perf_counter()
@@ -220,17 +266,6 @@ class Batcher:
             self.metrics.batch(len(batch), time.perf_counter() - started)
             self.metrics.queue_waits([0.0])
         return out
-
-    async def _run_batch(self, parts: Sequence[np.ndarray]) -> list[np.ndarray]:
-        import asyncio
-
-        # One batch runs at a time, so one dedicated thread serves; run_in_executor costs ~30 µs less
-        # per hand-off than anyio's worker pool.
-        if self._executor is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optiserve-infer")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_parts, list(parts))
 
     def _run_parts(self, parts: list[np.ndarray]) -> list[np.ndarray]:
         import numpy as np

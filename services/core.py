@@ -26,6 +26,7 @@ from optiserve.metrics import ServiceMetrics
 
 from .batcher import Batcher
 from .runtimes.base import Runtime
+from .triton import Statistics
 from .validation import check_tensor
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ class ServingCore:
         self.builtin = _builtin(spec)
         self.metrics = ServiceMetrics(spec)
         self.metrics.ready(False)
+        self.stats = Statistics()
         variant = load_variant(Path(spec.variant_dir))  # re-checks every artifact's sha256
         runtime_cls = Runtime.get(spec.runtime)
         runtime_cls.require_available()
@@ -78,7 +80,7 @@ class ServingCore:
             max_latency_ms=spec.batching.max_latency_ms,
             enabled=spec.batching.enabled,
             pad_value=self.builtin.pad_value if self.builtin else None,
-            metrics=self.metrics,
+            metrics=_Both(self.metrics, self.stats),
         )
         self.ready = False
         # The names baked into the variant (never the serving machine's dataset packages).
@@ -176,8 +178,11 @@ class ServingCore:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def answer(self, protocol: str, handler: Callable[[], Awaitable[Response]]) -> Response:
-        """Run a handler; count it; turn every error into a JSON ``{"error": ...}`` with its status."""
+    async def answer(
+        self, protocol: str, handler: Callable[[], Awaitable[Response]], *, inference: bool = True
+    ) -> Response:
+        """Run a handler; count it (in the statistics too when it is an inference); turn every error
+        into a JSON ``{"error": ...}`` with its status."""
         from starlette.responses import JSONResponse
 
         started = time.perf_counter()
@@ -187,6 +192,8 @@ class ServingCore:
             status = e.http_status
             self.metrics.error(error_kind(e))
             self.metrics.request(protocol, status, None)
+            if inference:
+                self.stats.request(False, time.perf_counter() - started)
             if status >= 500 and not isinstance(e, ServingError):
                 LOG.exception("request failed")
             return JSONResponse({"error": e.one_line()}, status_code=status)
@@ -194,14 +201,34 @@ class ServingCore:
             LOG.exception("inference failed")
             self.metrics.error("runtime")
             self.metrics.request(protocol, 500, None)
+            if inference:
+                self.stats.request(False, time.perf_counter() - started)
             lines = str(e).strip().splitlines()
             first = (lines[0] if lines else type(e).__name__)[:200]
             return JSONResponse(
                 {"error": f"inference failed on {self.spec.runtime}: {first}"},
                 status_code=500,
             )
-        self.metrics.request(protocol, response.status_code, time.perf_counter() - started)
+        took = time.perf_counter() - started
+        self.metrics.request(protocol, response.status_code, took)
+        if inference:
+            self.stats.request(True, took)
         return response
+
+
+class _Both:
+    """What the batcher measures goes to the Prometheus contract and to Triton-style statistics."""
+
+    def __init__(self, metrics: ServiceMetrics, stats: Statistics) -> None:
+        self._sinks = (metrics, stats)
+
+    def batch(self, size: int, inference_s: float) -> None:
+        for sink in self._sinks:
+            sink.batch(size, inference_s)
+
+    def queue_waits(self, waits_s: list[float]) -> None:
+        for sink in self._sinks:
+            sink.queue_waits(waits_s)
 
 
 def _since_process_start() -> float:

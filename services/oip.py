@@ -8,11 +8,18 @@ Open Inference Protocol v2 (what Triton, KServe, Seldon MLServer and their clien
     GET  /v2/models/{name}[/versions/{v}]       model metadata (datatypes, shapes; -1 = dynamic axis)
     GET  /v2/models/{name}[/versions/{v}]/ready
     POST /v2/models/{name}[/versions/{v}]/infer JSON tensors, or the binary tensor data extension
+    GET  /v2/models/{name}[/versions/{v}]/config Triton's model configuration extension (perf_analyzer)
+    GET  /v2/models/{name}[/versions/{v}]/stats  Triton's statistics extension
 
 ``{name}`` is the model's name or the variant id; the version is the variant id. For the built-in
 models, a BYTES input carries what users send (JPEG/PNG bytes, UTF-8 text) and the service preprocesses
 it; an output requested with ``parameters.classification = k`` comes back as Triton's classification
 extension (``"score:index:label"`` strings, k per sample).
+
+Every error, unknown routes and methods included, is a JSON ``{"error": "..."}`` with its 4xx/5xx status.
+
+BentoML-native ``POST /predict``: ``{"inputs": [[...], ...]}`` (nested lists, first axis = samples) → the
+model's first output as nested lists; a body that is not that shape of JSON is a 400.
 
 Raw routes: ``POST /classify`` (an image body, ``image/jpeg`` or ``image/png``) → top-5 labels;
 ``POST /embed`` (a ``text/plain`` body) → the embedding. Every route goes through the one batcher.
@@ -22,9 +29,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from optiserve.errors import InvalidInput, NotFound, UnsupportedMediaType
+from optiserve.errors import InputValidationError, InvalidInput, NotFound, UnsupportedMediaType
 
 from .oip_codec import HEADER_LENGTH, InferRequest, OutputTensor, encode_response, parse_request
+from .oip_json import dumps, load_object, tensor_from_json
+from .triton import TRITON_VERSION, model_config
 from .validation import oip_datatype
 
 if TYPE_CHECKING:
@@ -35,13 +44,14 @@ if TYPE_CHECKING:
 
     from .core import ServingCore
 
-EXTENSIONS = ["binary_tensor_data", "classification"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics"]
 IMAGE_TYPES = ("image/jpeg", "image/png")
 
 
 def create_app(get_core: Any) -> Starlette:
     """The routes, bound to the service's core through ``get_core()`` (set once the worker starts)."""
     from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
@@ -67,17 +77,22 @@ def create_app(get_core: Any) -> Starlette:
         version = request.path_params.get("version")
         if name not in c.names:
             raise NotFound(f"no model {name!r} here; this server serves {c.names[0]!r} (or {c.names[1]!r})")
-        if version is not None and version != c.spec.variant.id:
+        if version is not None and version not in (c.spec.variant.id, TRITON_VERSION):
             raise NotFound(f"no version {version!r} of {name!r}; the served version is {c.spec.variant.id!r}")
 
-    async def model_metadata(request: Request) -> Response:
-        c = core()
+    def model_document(document: Any) -> Any:
+        """A GET route answering ``document(core)`` as JSON for a known model."""
 
-        async def handler() -> Response:
-            check_model(c, request)
-            return JSONResponse(metadata(c))
+        async def route(request: Request) -> Response:
+            c = core()
 
-        return await c.answer("oip", handler)
+            async def handler() -> Response:
+                check_model(c, request)
+                return Response(dumps(document(c)), media_type="application/json")
+
+            return await c.answer("oip", handler, inference=False)
+
+        return route
 
     async def model_ready(request: Request) -> Response:
         c = core()
@@ -86,7 +101,25 @@ def create_app(get_core: Any) -> Starlette:
             check_model(c, request)
             return Response(status_code=200 if c.ready else 503)
 
-        return await c.answer("oip", handler)
+        return await c.answer("oip", handler, inference=False)
+
+    async def predict(request: Request) -> Response:
+        c = core()
+
+        async def handler() -> Response:
+            doc = load_object(await c.read_body(request))
+            if "inputs" not in doc:
+                raise InputValidationError(
+                    'the body must be {"inputs": [[...], ...]} (samples on the first axis)'
+                )
+            try:
+                array = native_array(doc["inputs"], c.input.dtype)
+            except InvalidInput as e:  # the native API's schema: a body of the wrong form is a 400
+                raise InputValidationError(e.message) from e
+            result = await c.infer(c.check(array))
+            return Response(dumps(result), media_type="application/json")
+
+        return await c.answer("native", handler)
 
     async def infer(request: Request) -> Response:
         c = core()
@@ -133,9 +166,20 @@ def create_app(get_core: Any) -> Starlette:
 
         return await c.answer("raw", handler)
 
+    async def http_error(request: Request, exc: Exception) -> Response:
+        """Starlette's own 404/405 (unknown route or method), in the protocol's JSON error form."""
+        assert isinstance(exc, HTTPException)
+        text = {
+            404: f"no route {request.url.path!r} here",
+            405: f"{request.method} is not allowed on {request.url.path!r}",
+        }
+        body = {"error": text.get(exc.status_code, exc.detail)}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
     routes = [
+        Route("/predict", predict, methods=["POST"]),
         Route("/v2", server_metadata, methods=["GET"]),
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),
@@ -144,11 +188,59 @@ def create_app(get_core: Any) -> Starlette:
     ]
     for prefix in (model, versioned):
         routes += [
-            Route(prefix, model_metadata, methods=["GET"]),
+            Route(prefix, model_document(metadata), methods=["GET"]),
             Route(prefix + "/ready", model_ready, methods=["GET"]),
             Route(prefix + "/infer", infer, methods=["POST"]),
+            Route(prefix + "/config", model_document(model_config), methods=["GET"]),
+            Route(prefix + "/stats", model_document(statistics), methods=["GET"]),
         ]
-    return Starlette(routes=routes)
+
+    async def unknown(request: Request) -> Response:
+        """Anything else under /v2: BentoML mounts this app passively (a path no route of ours matches
+        falls through to BentoML's plain-text 404), so /v2 ends in a route that answers in JSON."""
+        from starlette.routing import Match
+
+        allowed = sorted(
+            {
+                m
+                for r in routes
+                if isinstance(r, Route) and r.matches(request.scope)[0] == Match.PARTIAL
+                for m in r.methods or ()
+            }
+        )
+        status = 405 if allowed else 404
+        exc = HTTPException(status, headers={"Allow": ", ".join(allowed)} if allowed else None)
+        return await http_error(request, exc)
+
+    routes.append(
+        Route(
+            "/v2/{rest:path}", unknown, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+        )
+    )
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+
+def statistics(c: ServingCore) -> dict[str, Any]:
+    return c.stats.document(c.model.name, TRITON_VERSION)
+
+
+def native_array(inputs: Any, dtype: str) -> np.ndarray:
+    """``/predict``'s ``inputs`` (nested lists, samples first) → an array shaped by the nesting."""
+    flat = tensor_from_json(inputs, oip_name(dtype), dtype, "inputs")
+    shape: list[int] = []
+    level = inputs
+    while hasattr(level, "__len__") and not isinstance(level, (str, bytes)):
+        shape.append(len(level))
+        if not len(level):
+            break
+        level = level[0]
+    if len(shape) < 2:
+        raise InvalidInput("'inputs' must be a list of samples, each a list (nested lists, samples first)")
+    return flat.reshape(shape)
+
+
+def oip_name(dtype: str) -> str:
+    return oip_datatype(dtype)
 
 
 def metadata(c: ServingCore) -> dict[str, Any]:

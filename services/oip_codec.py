@@ -12,7 +12,6 @@ Parsing never raises anything but the service's client-error classes, so a malfo
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from optiserve.errors import InputValidationError, InvalidInput, UnsupportedMediaType
 
+from .oip_json import dumps, load_object, tensor_from_json
 from .validation import NUMPY_TO_OIP as OIP_DATATYPES_BY_NUMPY
 from .validation import OIP_TO_NUMPY, check_shape_list
 
@@ -78,7 +78,7 @@ def parse_request(body: bytes, content_type: str, header_length: str | None) -> 
                 "tensor data with an Inference-Header-Content-Length header"
             )
         header, rest = body, memoryview(b"")
-    doc = _json_object(header)
+    doc = load_object(header)
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InputValidationError("'inputs' must be a non-empty list of tensors")
@@ -102,16 +102,6 @@ def parse_request(body: bytes, content_type: str, header_length: str | None) -> 
         outputs=_parse_outputs(doc.get("outputs")),
         binary_output=bool(params.get("binary_data_output", False)),
     )
-
-
-def _json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputValidationError(f"the request header is not valid JSON: {str(e)[:120]}") from e
-    if not isinstance(doc, dict):
-        raise InputValidationError(f"the request must be a JSON object, got {type(doc).__name__}")
-    return doc
 
 
 def _parse_input(raw: Any, k: int, binary: memoryview) -> tuple[InputTensor, int]:
@@ -164,7 +154,7 @@ def _parse_input(raw: Any, k: int, binary: memoryview) -> tuple[InputTensor, int
         tensor.items = _json_bytes(data, name)
         _check_count(name, len(tensor.items), shape)
     else:
-        tensor.array = _json_array(data, datatype, name).reshape(-1)
+        tensor.array = tensor_from_json(data, datatype, OIP_TO_NUMPY[datatype], name)
         _check_count(name, tensor.array.size, shape)
         tensor.array = tensor.array.reshape(shape)
     return tensor, 0
@@ -177,28 +167,9 @@ def _check_count(name: str, got: int, shape: tuple[int, ...]) -> None:
         )
 
 
-def _json_array(data: Any, datatype: str, name: str) -> np.ndarray:
-    import numpy as np
-
-    if not isinstance(data, list):
-        raise InvalidInput(f"input {name!r}: 'data' must be a list of numbers")
-    dtype = np.dtype(OIP_TO_NUMPY[datatype])
-    try:
-        loose = np.asarray(data)
-    except ValueError as e:  # ragged nesting
-        raise InvalidInput(f"input {name!r}: 'data' is a ragged nested list ({str(e)[:80]})") from e
-    allowed = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}[dtype.kind]  # never bools as numbers
-    if loose.size and loose.dtype.kind not in allowed:
-        wanted = {"b": "true/false", "i": "integers", "u": "non-negative integers"}.get(dtype.kind, "numbers")
-        raise InvalidInput(f"input {name!r}: {datatype} data must be {wanted}, got {loose.dtype.name} values")
-    if dtype.kind in "iu" and loose.size:
-        info = np.iinfo(dtype)
-        if loose.min() < info.min or loose.max() > info.max:
-            raise InvalidInput(f"input {name!r}: values outside the {datatype} range")
-    return loose.astype(dtype, copy=False)
-
-
 def _json_bytes(data: Any, name: str) -> list[bytes]:
+    if hasattr(data, "as_list"):  # still the parser's lazy array
+        data = data.as_list()
     if not isinstance(data, list):
         raise InvalidInput(f"input {name!r}: BYTES 'data' must be a list of strings")
     flat: list[Any] = []
@@ -262,6 +233,8 @@ def encode_response(
     model_name: str, version: str, request_id: str | None, outputs: list[tuple[OutputTensor, bool]]
 ) -> tuple[bytes, dict[str, str]]:
     """(body, headers) for outputs, each flagged binary or JSON."""
+    import numpy as np
+
     docs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for tensor, binary in outputs:
@@ -278,12 +251,12 @@ def encode_response(
             doc["data"] = [x.decode("utf-8", "replace") for x in tensor.items]
         else:
             assert tensor.array is not None
-            doc["data"] = tensor.array.reshape(-1).tolist()
+            doc["data"] = np.ascontiguousarray(tensor.array).reshape(-1)
         docs.append(doc)
     body: dict[str, Any] = {"model_name": model_name, "model_version": version, "outputs": docs}
     if request_id is not None:
         body["id"] = request_id
-    header = json.dumps(body, separators=(",", ":")).encode()
+    header = dumps(body)
     if not blobs:
         return header, {"content-type": "application/json"}
     return header + b"".join(blobs), {
@@ -302,19 +275,20 @@ def _le_bytes(array: np.ndarray | None) -> bytes:
 def encode_json_request(name: str, array: np.ndarray) -> bytes:
     """A plain-JSON infer request for one tensor (the protocol's default encoding, which every server
     takes; outputs asked for as JSON too)."""
-    return json.dumps(
+    import numpy as np
+
+    return dumps(
         {
             "inputs": [
                 {
                     "name": name,
                     "shape": list(array.shape),
                     "datatype": OIP_DATATYPES_BY_NUMPY[str(array.dtype)],
-                    "data": array.reshape(-1).tolist(),
+                    "data": np.ascontiguousarray(array).reshape(-1),
                 }
             ]
-        },
-        separators=(",", ":"),
-    ).encode()
+        }
+    )
 
 
 def encode_request(name: str, array: np.ndarray, *, binary_output: bool = True) -> tuple[bytes, int]:
@@ -322,7 +296,7 @@ def encode_request(name: str, array: np.ndarray, *, binary_output: bool = True) 
     import numpy as np
 
     data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-    header = json.dumps(
+    header = dumps(
         {
             "inputs": [
                 {
@@ -333,7 +307,6 @@ def encode_request(name: str, array: np.ndarray, *, binary_output: bool = True) 
                 }
             ],
             "parameters": {"binary_data_output": binary_output},
-        },
-        separators=(",", ":"),
-    ).encode()
+        }
+    )
     return header + data, len(header)

@@ -3,8 +3,9 @@
 ``bentoml serve optiserve.services.service:OptiserveService`` with ``OPTISERVE_SERVICE_SPEC`` pointing
 at a ``service.json`` (written by :mod:`optiserve.deploy.targets.local` or baked into a Bento). Endpoints:
 
-- ``POST /predict`` (BentoML-native): ``{"inputs": [[...], ...]}`` → the model's first output;
-- the Open Inference Protocol v2 and the raw-input routes of :mod:`optiserve.services.oip`;
+- one ASGI app (:mod:`optiserve.services.oip`) for every protocol: ``POST /predict``
+  (``{"inputs": [[...], ...]}`` → the model's first output), the Open Inference Protocol v2 with Triton's
+  configuration and statistics extensions, and the raw-input routes;
 - ``/readyz``, ``/livez`` and ``/metrics`` (BentoML's; the metrics contract is :mod:`optiserve.metrics`).
 
 All of them share one :class:`~optiserve.services.core.ServingCore`: one runtime, one adaptive batcher,
@@ -18,12 +19,9 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import bentoml
-import numpy as np
-from bentoml.validators import DType
-from starlette.responses import JSONResponse, Response
 
 from optiserve.manifest import read_model
 from optiserve.services.core import ServingCore
@@ -49,7 +47,6 @@ def _spec_from_env() -> ServiceSpec | None:
 
 
 SPEC = _spec_from_env()
-INPUT_DTYPE = SPEC.variant.model.inputs[0].dtype if SPEC else "float32"
 _CORE: list[ServingCore] = []  # set once per worker process by the service's __init__
 
 routes = create_app(lambda: _CORE[0] if _CORE else None)
@@ -93,13 +90,3 @@ class OptiserveService:
     def __is_ready__(self) -> bool:
         core = getattr(self, "core", None)
         return bool(core is not None and core.ready)
-
-    @bentoml.api  # type: ignore[untyped-decorator]
-    async def predict(self, inputs: Annotated[np.ndarray, DType(INPUT_DTYPE)]) -> np.ndarray:
-        """A batch of the model's input (first axis = samples) → the model's first output."""
-
-        async def handler() -> Response:
-            result = await self.core.infer(self.core.check(inputs))
-            return JSONResponse(result.tolist())
-
-        return await self.core.answer("native", handler)  # type: ignore[return-value]

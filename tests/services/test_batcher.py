@@ -1,4 +1,4 @@
-"""The shared adaptive batcher (BentoML's CorkDispatcher underneath), in an event loop of its own."""
+"""The shared adaptive batcher (our own asyncio dispatcher), in an event loop of its own."""
 
 from __future__ import annotations
 
