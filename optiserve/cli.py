@@ -294,7 +294,9 @@ def serve(
     ] = None,
 ) -> None:
     """Serve variants that `optiserve optimize` produced until Ctrl-C: one `bentoml serve` process each
-    (or, with --target docker, one container each).
+    (or, with --target docker, one container each), with the config's serving settings: runtime
+    threads (serving.threads), batching, limits, and CPUs (serving.cpus, as `run` pins its servers;
+    unset: no pinning, since no load generator shares the machine).
 
     Example: [bold]optiserve serve --model efficientnet-lite0 --runtime onnxruntime[/]
     then [bold]curl -s localhost:PORT/readyz[/]
@@ -305,15 +307,25 @@ def serve(
     cfg = _config(
         config, model=model, workdir=workdir, runtimes=runtime, input_shape=input_shape, target=target
     )
+    cpus = pipeline.serving_cpus(cfg)
     p = _existing_plan(cfg, variant)
     with configured_target(cfg) as deployment:
         table = Table(title="Serving (Ctrl-C stops every server)")
-        for col in ("variant", "runtime", "url", "Open Inference Protocol infer path"):
+        for col in ("variant", "runtime", "url", "Open Inference Protocol infer path", "CPUs", "threads"):
             table.add_column(col)
+        threads = cfg.serving.threads
         with Steps().task("Starting servers", total=len(p.pairs)) as advance:
             for i, (v, rt) in enumerate(p.pairs):
-                endpoint = deployment.start(pipeline.service_spec(cfg, v, rt, (port + i) if port else None))
-                table.add_row(v.id, rt, endpoint.url, endpoint.infer_url.removeprefix(endpoint.url))
+                spec = pipeline.service_spec(cfg, v, rt, (port + i) if port else None)
+                endpoint = deployment.start(spec, cpus=cpus)
+                table.add_row(
+                    v.id,
+                    rt,
+                    endpoint.url,
+                    endpoint.infer_url.removeprefix(endpoint.url),
+                    ",".join(map(str, sorted(cpus))) if cpus else "any",
+                    f"{threads.intra_op} intra-op, {threads.inter_op} inter-op",
+                )
                 advance()
         out.print(table)
         deadline = time.monotonic() + seconds if seconds else None

@@ -444,6 +444,17 @@ def scenario_from_config(config: ExperimentConfig) -> Scenario:
         ) from e
 
 
+def serving_cpus(config: ExperimentConfig) -> frozenset[int] | None:
+    """The CPUs ``serve`` pins its servers to: ``serving.cpus`` checked as ``run`` checks it (on this
+    machine, disjoint from ``load.generator_cpus``); None (no pinning) when unset."""
+    if config.serving.cpus is None:
+        return None
+    from optiserve.config import cpu_split
+
+    server, _ = cpu_split(sorted(os.sched_getaffinity(0)), config.serving.cpus, config.load.generator_cpus)
+    return server
+
+
 def service_spec(
     config: ExperimentConfig, variant: Variant, runtime: str, port: int | None = None
 ) -> ServiceSpec:
