@@ -93,17 +93,37 @@ class Reference:
         self.proc.kill()
 
 
-class RawClient:
-    """One keep-alive HTTP/1.1 connection sending a prebuilt request: the least client overhead."""
+def http_request(host: str, path: str, body: bytes, header_length: int | None) -> bytes:
+    """A whole HTTP/1.1 POST of an infer request, JSON or binary-extension."""
+    kind = (
+        "Content-Type: application/json\r\n"
+        if header_length is None
+        else f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {header_length}\r\n"
+    )
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{kind}Content-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
 
-    def __init__(self, host: str, port: int, path: str, body: bytes, header_length: int) -> None:
+
+def read_response_head(head: bytes) -> tuple[int, int]:
+    """(status, content length) of an HTTP/1.1 response head."""
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    length = next(
+        int(v)
+        for k, _, v in (ln.partition(b":") for ln in lines[1:])
+        if k.strip().lower() == b"content-length"
+    )
+    return status, length
+
+
+class RawClient:
+    """One keep-alive HTTP/1.1 connection sending a prebuilt request: the least client overhead.
+    ``header_length`` None: a plain JSON request; else the binary tensor extension's."""
+
+    def __init__(self, host: str, port: int, path: str, body: bytes, header_length: int | None) -> None:
         self.sock = socket.create_connection((host, port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/octet-stream\r\n"
-            f"Inference-Header-Content-Length: {header_length}\r\nContent-Length: {len(body)}\r\n\r\n"
-        )
-        self.request = head.encode() + body
+        self.request = http_request(host, path, body, header_length)
         self.buffer = b""
 
     def call(self) -> int:
@@ -111,11 +131,7 @@ class RawClient:
         while b"\r\n\r\n" not in self.buffer:
             self.buffer += self.sock.recv(65536)
         head, _, rest = self.buffer.partition(b"\r\n\r\n")
-        lines = head.split(b"\r\n")
-        status = int(lines[0].split()[1])
-        length = next(
-            int(v) for k, _, v in (ln.partition(b":") for ln in lines[1:]) if k.lower() == b"content-length"
-        )
+        status, length = read_response_head(head)
         while len(rest) < length:
             rest += self.sock.recv(65536)
         self.buffer = rest[length:]

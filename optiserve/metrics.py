@@ -220,11 +220,18 @@ class ServiceMetrics:
                 kwargs["multiprocess_mode"] = "max"
             made[m.name] = factory(**kwargs)
         self._made = made
+        self._children: dict[tuple[Any, ...], Any] = {}
         for kind in ERROR_KINDS:  # zero series exist from the start, so rate() and alerts see them
             self._child(ERRORS, kind=kind).inc(0)
 
     def _child(self, metric: MetricDef, **extra: str) -> Any:
-        return self._made[metric.name].labels(**self.identity, **extra)
+        """The labelled series, looked up once (``labels()`` builds and checks a label tuple per call:
+        a few microseconds, five times a request)."""
+        key = (metric.name, *extra.items())
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._made[metric.name].labels(**self.identity, **extra)
+        return child
 
     def request(self, protocol: str, code: int, seconds: float | None) -> None:
         self._child(REQUESTS, protocol=protocol, code=str(code)).inc()

@@ -83,6 +83,8 @@ class ServingCore:
             metrics=_Both(self.metrics, self.stats),
         )
         self.ready = False
+        self.in_flight = 0
+        """Requests being read, validated, run or answered (see Batcher.__call__'s ``alone``)."""
         # The names baked into the variant (never the serving machine's dataset packages).
         self.labels = list(self.model.labels) if self.model.labels else None
 
@@ -102,13 +104,22 @@ class ServingCore:
         sample = np.zeros((1, *self.input.sample_shape), dtype=self.input.dtype)
         for _ in range(WARMUP_SEQUENTIAL):
             await self.batcher(sample)
+        if self.batcher.enabled:
+            await self.batcher.calibrate(sample)
         await asyncio.gather(*(self.batcher(sample) for _ in range(WARMUP_BURST)))
         self.batcher.fit_latency_model()
         seconds = _since_process_start()
         self.metrics.loaded(seconds)
         self.ready = True
         self.metrics.ready(True)
-        LOG.info("%s on %s ready in %.1f s", self.spec.variant.id, self.spec.runtime, seconds)
+        LOG.info(
+            "%s on %s ready in %.1f s (preferred batch size %d of at most %d)",
+            self.spec.variant.id,
+            self.spec.runtime,
+            seconds,
+            self.batcher.preferred_batch_size,
+            self.batcher.max_batch_size,
+        )
 
     async def sample_process(self, every_s: float = 1.0) -> None:
         """Report this process's CPU and memory to the metrics contract until cancelled."""
@@ -148,7 +159,7 @@ class ServingCore:
     async def infer(self, array: np.ndarray) -> np.ndarray:
         if not self.ready:
             raise ServingError("the model is not ready yet (loading or warming up)", hint="retry shortly")
-        return await self.batcher(array)
+        return await self.batcher(array, alone=self.in_flight == 1)
 
     def top_k(self, logits: np.ndarray, k: int) -> list[list[tuple[float, int, str]]]:
         """Per sample, the k best classes as (probability, index, label)."""
@@ -183,6 +194,15 @@ class ServingCore:
     ) -> Response:
         """Run a handler; count it (in the statistics too when it is an inference); turn every error
         into a JSON ``{"error": ...}`` with its status."""
+        self.in_flight += 1
+        try:
+            return await self._answer(protocol, handler, inference)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(
+        self, protocol: str, handler: Callable[[], Awaitable[Response]], inference: bool
+    ) -> Response:
         from starlette.responses import JSONResponse
 
         started = time.perf_counter()

@@ -79,7 +79,11 @@ def model_config(c: ServingCore) -> dict[str, Any]:
     }
     if batched and batching.enabled:
         # Work-conserving: nothing waits for company, as Triton with no queue delay.
-        config["dynamic_batching"] = {"max_queue_delay_microseconds": 0, "preserve_ordering": False}
+        config["dynamic_batching"] = {
+            "max_queue_delay_microseconds": 0,
+            "preserve_ordering": False,
+            "preferred_batch_size": [c.batcher.preferred_batch_size],
+        }
     return config
 
 

@@ -135,10 +135,14 @@ def test_batches_grow_with_the_queue_while_the_runtime_is_busy() -> None:
     assert [s[0] for s in model.shapes] == [1, 8, 8]
 
 
-@pytest.mark.parametrize(("delay_s", "inline"), [(0.002, True), (0.04, False)])
-def test_a_lone_fast_request_runs_on_the_event_loop_thread_and_a_slow_one_does_not(
-    delay_s: float, inline: bool
+@pytest.mark.parametrize(
+    ("delay_s", "alone", "inline"), [(0.002, True, True), (0.04, True, False), (0.002, False, False)]
+)
+def test_a_lone_fast_request_runs_on_the_event_loop_thread_only_when_nothing_else_is_in_flight(
+    delay_s: float, alone: bool, inline: bool
 ) -> None:
+    """Inline saves two thread hand-offs at concurrency 1, but blocks the loop: with other requests in
+    flight (still being read) it would serialize them all and nothing would ever batch."""
     threads: list[str] = []
 
     def model(batch: np.ndarray) -> np.ndarray:
@@ -150,9 +154,64 @@ def test_a_lone_fast_request_runs_on_the_event_loop_thread_and_a_slow_one_does_n
 
     async def three_alone() -> None:
         for _ in range(3):
-            await batcher(np.ones((1, 2), dtype=np.float32))
+            await batcher(np.ones((1, 2), dtype=np.float32), alone=alone)
 
     asyncio.run(three_alone())
     main = threading.main_thread().name
     assert threads[0] != main, "the first lone request has no timing yet: it runs on the inference thread"
     assert [t == main for t in threads[1:]] == [inline, inline], threads
+
+
+def test_batches_stop_at_the_calibrated_size_with_the_highest_throughput() -> None:
+    """A runtime whose time per sample grows beyond 2 samples (as efficientnet-lite0 on one CPU core):
+    once calibrated, a saturated batcher forms batches of 2, not of max_batch_size."""
+
+    class Superlinear(Recorder):
+        def __call__(self, batch: np.ndarray) -> np.ndarray:
+            time.sleep(0.004 if len(batch) <= 2 else 0.004 * len(batch))
+            return super().__call__(batch)
+
+    model = Superlinear()
+    batcher = Batcher(model, max_batch_size=8, max_latency_ms=10_000)
+
+    async def calibrate_then_flood() -> dict[int, float]:
+        sizes = await batcher.calibrate(np.ones((1, 2), dtype=np.float32), runs=2)
+        model.shapes.clear()
+        await gather(batcher, [np.ones((1, 2), dtype=np.float32) for _ in range(20)])
+        return sizes
+
+    sizes = asyncio.run(calibrate_then_flood())
+    assert sorted(sizes) == [1, 2, 4, 8]
+    assert batcher.preferred_batch_size == 2
+    assert [s[0] for s in model.shapes] == [1] + [2] * 9 + [1]
+
+
+def test_a_request_larger_than_the_preferred_size_still_runs_whole() -> None:
+    model = Recorder()
+    batcher = Batcher(model, max_batch_size=8, max_latency_ms=10_000)
+    batcher._size_s = {1: 0.001, 2: 0.001, 4: 1.0, 8: 2.0}  # prefer 2
+
+    async def busy_then_four() -> list[np.ndarray]:
+        parts = [np.ones((1, 3), dtype=np.float32), np.ones((4, 3), dtype=np.float32)]
+        return await asyncio.wait_for(gather(batcher, parts), timeout=10)  # it used to wait forever
+
+    _, second = asyncio.run(busy_then_four())
+    assert second.shape == (4, 1) and float(second[0, 0]) == 3.0
+    assert (4, 3) in model.shapes
+
+
+def test_nothing_imports_bentoml_internals() -> None:
+    """The batcher used to subclass BentoML's private CorkDispatcher, which pinned bentoml to one
+    version; only BentoML's public API may be used now (pyproject gives bentoml a range)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    offenders = [
+        str(path.relative_to(root))
+        for folder in ("optiserve", "services", "optimizers", "loadtests", "deploy")
+        for path in (root / folder).rglob("*.py")
+        if "bentoml._internal" in path.read_text() or "_bentoml_impl" in path.read_text()
+    ]
+    assert not offenders, offenders
+    pyproject = (root / "pyproject.toml").read_text()
+    assert '"bentoml>=' in pyproject and "bentoml==" not in pyproject

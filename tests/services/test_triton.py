@@ -44,6 +44,8 @@ def test_model_config_describes_the_variant(
     ]  # batch axis left out
     assert config["output"][0]["data_type"] == "TYPE_FP32"
     assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 0
+    (preferred,) = config["dynamic_batching"]["preferred_batch_size"]  # calibrated at warm-up
+    assert 1 <= preferred <= config["max_batch_size"]
     assert client.get_model_config(model, model_version="1") == config
     assert "model_configuration" in client.get_server_metadata()["extensions"]
 
@@ -107,6 +109,9 @@ def run_perf_analyzer(endpoint: Endpoint, *mode: str) -> str:
             "50",
             "--max-trials",
             "6",
+            # Its default random data is random bytes: NaN and Inf among them, which the server refuses.
+            "--input-data",
+            "zero",
             *mode,
         ],
         capture_output=True,
