@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from optiserve.deploy.targets.local import LocalTarget
+from optiserve.loadtests.openloop import http_request
 from optiserve.manifest import variant_dir
 from optiserve.models.resolve import dataset, resolve_model
 from optiserve.optimizers.base import OptimizeContext
@@ -93,17 +94,6 @@ class Reference:
         self.proc.kill()
 
 
-def http_request(host: str, path: str, body: bytes, header_length: int | None) -> bytes:
-    """A whole HTTP/1.1 POST of an infer request, JSON or binary-extension."""
-    kind = (
-        "Content-Type: application/json\r\n"
-        if header_length is None
-        else f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {header_length}\r\n"
-    )
-    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{kind}Content-Length: {len(body)}\r\n\r\n"
-    return head.encode() + body
-
-
 def read_response_head(head: bytes) -> tuple[int, int]:
     """(status, content length) of an HTTP/1.1 response head."""
     lines = head.split(b"\r\n")
@@ -137,14 +127,21 @@ class RawClient:
         self.buffer = rest[length:]
         return status
 
-    def latencies(self, n: int) -> list[float]:
+    def timed(self, n: int) -> tuple[list[float], str | None]:
+        """Latencies of n sequential requests; stops at the first non-200 and says which."""
         out = []
         for _ in range(n):
             t = time.perf_counter()
             status = self.call()
             out.append(time.perf_counter() - t)
             if status != 200:
-                raise SystemExit(f"the server answered {status}")
+                return out, f"HTTP {status}"
+        return out, None
+
+    def latencies(self, n: int) -> list[float]:
+        out, refused = self.timed(n)
+        if refused:
+            raise SystemExit(f"the server answered {refused}")
         return out
 
 

@@ -40,11 +40,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import numpy as np
-from serving_efficiency import RawClient, Reference, http_request, onnx_fp32, pin_client, read_response_head
+from serving_efficiency import RawClient, Reference, onnx_fp32, pin_client, read_response_head
 
+from optiserve.deploy.targets.base import wait_ready
 from optiserve.deploy.targets.local import LocalTarget
+from optiserve.loadtests.openloop import http_request
 from optiserve.manifest import variant_dir
 from optiserve.models.resolve import dataset
 from optiserve.services.oip_codec import encode_request
@@ -95,20 +96,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes] | None, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"the server at {url} exited with {proc.returncode} before it was ready")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"the server at {url} was not ready within {timeout_s:.0f} s")
-
-
 @contextmanager
 def peer(script: str, python: Path, model: Path, cpu: int, log: Path) -> Iterator[str]:
     """A peer server (``benchmarks/peers/<script>``) in its own venv, pinned to ``cpu``."""
@@ -133,7 +120,13 @@ def peer(script: str, python: Path, model: Path, cpu: int, log: Path) -> Iterato
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, proc)
+
+        def exited() -> str | None:
+            code = proc.poll()
+            return None if code is None else f"{script} exited with {code} before it was ready (log: {log})"
+
+        if not wait_ready(f"{url}/v2/health/ready", 180, exited):
+            raise SystemExit(f"{script} was not ready within 180 s (log: {log})")
         yield url
     finally:
         os.killpg(proc.pid, 15)
@@ -146,15 +139,7 @@ def peer(script: str, python: Path, model: Path, cpu: int, log: Path) -> Iterato
 def c1_latencies(url: str, enc: Encoding, n: int) -> tuple[list[float], str | None]:
     """Latencies of n sequential requests on one connection; or the first refusal."""
     host, port = url.removeprefix("http://").split(":")
-    client = RawClient(host, int(port), f"/v2/models/{NAME}/infer", enc.body, enc.header_length)
-    out = []
-    for _ in range(n):
-        started = time.perf_counter()
-        status = client.call()
-        out.append(time.perf_counter() - started)
-        if status != 200:
-            return out, f"HTTP {status}"
-    return out, None
+    return RawClient(host, int(port), f"/v2/models/{NAME}/infer", enc.body, enc.header_length).timed(n)
 
 
 async def saturate(url: str, enc: Encoding, users: int, seconds: float) -> tuple[float, list[float], int]:

@@ -29,10 +29,9 @@ from optiserve.types import ServiceSpec
 
 SPEC_IN_BENTO = "model/service.json"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-SERVING_BASE = ("pillow",)
-"""Distributions every Bento needs whatever the runtime (image decoding), besides optiserve's own
-dependencies and its ``serve`` extra (BentoML, the HTTP parser, the JSON libraries), which are read
-from its installed metadata so that a new one cannot be forgotten."""
+SERVING_EXTRA = "serve"
+"""Every Bento gets optiserve's own dependencies and this extra's (BentoML, the HTTP parser, the JSON
+libraries, image decoding), read from its installed metadata so that a new one cannot be forgotten."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ def pinned_requirements(spec: ServiceSpec) -> tuple[str, ...]:
         # torch variants rebuild the module from the model's own code; other runtimes only preprocess.
         imports += model.requires if "torch" in runtime.formats else model.serving_requires
     by_import = md.packages_distributions()
-    names: list[str] = [*SERVING_BASE, *core_dependencies(), *core_dependencies("serve")]
+    names: list[str] = [*core_dependencies(), *core_dependencies(SERVING_EXTRA)]
     for module in imports:
         names += by_import.get(module, [module])
     pins = []

@@ -8,9 +8,10 @@ that size on this machine, measured in the same run as the servers it is compare
 
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any
+
+from peer_cli import parse_args
 
 OUTPUT = json.dumps(
     {
@@ -49,12 +50,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 def main() -> None:
     import uvicorn
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", nargs="?", help="ignored (the same command line as the other peers)")
-    parser.add_argument("--name", default="m")
-    parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--threads", type=int, default=1, help="ignored")
-    args = parser.parse_args()
+    args = parse_args(__doc__, model_required=False)  # the model is not served: the same command line
     uvicorn.run(app, host="127.0.0.1", port=args.port, loop="uvloop", http="httptools", log_level="warning")
 
 

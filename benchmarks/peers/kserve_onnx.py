@@ -9,12 +9,11 @@ Nothing of optiserve is imported: this is KServe as its users write a custom mod
 
 from __future__ import annotations
 
-import argparse
-
 import kserve
 import numpy as np
 import onnxruntime as ort
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+from peer_cli import parse_args
 
 
 class OnnxModel(kserve.Model):  # type: ignore[misc]
@@ -56,12 +55,7 @@ def _meta(tensor: ort.NodeArg) -> dict:  # type: ignore[type-arg]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model")
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parse_args(__doc__)
     kserve.ModelServer(http_port=args.port, grpc_port=args.port + 1, enable_grpc=False, workers=1).start(
         [OnnxModel(args.name, args.model, args.threads)]
     )

@@ -13,7 +13,6 @@ process (parallel_workers=0), with no adaptive batching, no access log and no Pr
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -24,6 +23,7 @@ import onnxruntime as ort
 from mlserver import MLModel
 from mlserver.codecs import NumpyCodec
 from mlserver.types import InferenceRequest, InferenceResponse, MetadataTensor
+from peer_cli import parse_args
 
 
 class OnnxModel(MLModel):  # type: ignore[misc]
@@ -59,12 +59,7 @@ def _meta(tensor: ort.NodeArg) -> MetadataTensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model")
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parse_args(__doc__)
 
     folder = tempfile.mkdtemp(prefix=f"mlserver_onnx_{args.port}_")
     settings = {
