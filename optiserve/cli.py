@@ -186,7 +186,8 @@ def run(
     Example: [bold]optiserve run --model efficientnet-lite0 --concurrency 1,4 --duration 10[/]
     """
     from optiserve import pipeline
-    from optiserve.report import build_report, render_table, write_report
+    from optiserve.report import render_table
+    from optiserve.run_manifest import finish_run, start_run, write_run_report
 
     cfg = _config(
         config,
@@ -205,6 +206,7 @@ def run(
         preset=QUICK if quick else None,
         prometheus_url=prometheus_url,
     )
+    _check_prices(cfg)
     steps = Steps()
     spec = pipeline.resolve(cfg)
     _check_plugins(cfg)
@@ -216,6 +218,7 @@ def run(
             "no variant can be served by an available runtime", hint="see `optiserve doctor`"
         )
     run_dir = pipeline.new_run_dir(cfg.workdir)
+    manifest = start_run(cfg, spec.name, run_dir)
     evaluations = pipeline.evaluate(cfg, plan, steps, run_dir)
     served = pipeline.gate(cfg, plan, evaluations)
     _write_json(run_dir / "skipped.json", served.skipped)
@@ -223,16 +226,9 @@ def run(
         raise OptiserveError(
             "every variant was rejected by the accuracy gate", hint=f"see {run_dir / 'eval'}"
         )
-    results = pipeline.bench(cfg, served, run_dir, steps)
-    report = build_report(
-        spec.name,
-        {v.id: v for v in variants},
-        results,
-        list(evaluations.values()),
-        served.skipped,
-        **_cost_options(cfg),
-    )
-    json_path, md_path, html_path = write_report(report, run_dir, {"command": " ".join(sys.argv)}, cfg)
+    pipeline.bench(cfg, served, run_dir, steps)
+    finish_run(run_dir, manifest, variants)
+    report, (json_path, md_path, html_path), _ = write_run_report(run_dir)
     out.print(render_table(report))
     _print_skipped(served.skipped)
     out.print(
@@ -458,7 +454,8 @@ def bench(
     """
     from optiserve import pipeline
     from optiserve.manifest import write_model
-    from optiserve.report import build_report, render_table, write_report
+    from optiserve.report import render_table
+    from optiserve.run_manifest import finish_run, start_run, write_run_report
 
     cfg = _config(
         config,
@@ -486,25 +483,27 @@ def bench(
         cfg = with_overrides(cfg, {"load.encoding": encoding or chosen})
     else:
         p = _existing_plan(cfg, variant)
+    _check_prices(cfg)
     if in_cluster:  # before anything is written
         from optiserve.deploy.k8s import require_cluster
 
         require_cluster()
     run_dir = pipeline.new_run_dir(cfg.workdir)
+    manifest = start_run(cfg, p.spec.name, run_dir)
     _write_json(run_dir / "skipped.json", p.skipped)
-    if in_cluster:
-        results = [_in_cluster_result(cfg, p, run_dir, release, namespace)]
+    if in_cluster:  # written where the report reads results from, as bench writes its own
+        write_model(
+            run_dir / "bench" / "in-cluster.json", _in_cluster_result(cfg, p, run_dir, release, namespace)
+        )
     else:
-        results = pipeline.bench(cfg, p, run_dir, Steps())
+        pipeline.bench(cfg, p, run_dir, Steps())
     # The accuracy figures are the latest ones `optimize`/`run` wrote beside each benchmarked variant.
     served = {(v.id, rt) for v, rt in p.pairs}
     evaluations = [ev for key, ev in pipeline.stored_evaluations(cfg, p.variants).items() if key in served]
     for ev in evaluations:
         write_model(run_dir / "eval" / f"{ev.variant_id}.{ev.runtime}.json", ev)
-    report = build_report(
-        p.spec.name, {v.id: v for v in p.variants}, results, evaluations, p.skipped, **_cost_options(cfg)
-    )
-    _, md_path, _ = write_report(report, run_dir, {"command": " ".join(sys.argv)}, cfg)
+    finish_run(run_dir, manifest, p.variants)
+    report, (_, md_path, _), _ = write_run_report(run_dir)
     out.print(render_table(report))
     out.print(f"Report: {md_path}")
 
@@ -600,11 +599,11 @@ def report(
 
     Example: [bold]optiserve report optiserve-work/results/20261125-120000[/]
     """
-    from optiserve import pipeline
-    from optiserve.report import build_report, render_table, write_report
+    from optiserve.report import render_table
+    from optiserve.run_manifest import MANIFEST_FILE, write_run_report
 
-    cfg = _config(None, workdir=workdir)
     if run_dir is None:
+        cfg = _config(None, workdir=workdir)
         runs = (
             sorted(p for p in (cfg.workdir / "results").glob("*") if p.is_dir())
             if (cfg.workdir / "results").is_dir()
@@ -615,13 +614,13 @@ def report(
         run_dir = runs[-1]
     if not (run_dir / "bench").is_dir() and not (run_dir / "eval").is_dir():
         raise ConfigError(f"{run_dir} is not a results folder (expected bench/ and eval/ inside)")
-    results, evaluations, skipped = pipeline.load_run(run_dir)
-    workdir_of_run = run_dir.parent.parent
-    variants = pipeline.known_variants(workdir_of_run)
-    model = results[0].endpoint.service.variant.model.name if results else "model"
-    rep = build_report(model, variants, results, evaluations, skipped)
-    _, md_path, _ = write_report(rep, run_dir, {"command": " ".join(sys.argv)})
+    rep, (_, md_path, _), manifest = write_run_report(run_dir)
     out.print(render_table(rep))
+    if manifest is None:
+        out.print(
+            f"[yellow]warning:[/] {run_dir} has no {MANIFEST_FILE} (a run made before runs were recorded): "
+            "costed with the default SLO, instance and prices, and the workdir's current variants"
+        )
     out.print(f"Report: {md_path}")
 
 
@@ -843,16 +842,11 @@ def _in_cluster_result(cfg: ExperimentConfig, p: Any, run_dir: Path, release: st
     return result_from_samples(endpoint, load, samples, started_at(samples))
 
 
-def _cost_options(cfg: ExperimentConfig) -> dict[str, Any]:
-    """What the report prices: the experiment's instance, SLO, offered load and price table."""
+def _check_prices(cfg: ExperimentConfig) -> None:
+    """A bad price file fails before any work, not when the report is priced at the end."""
     from optiserve.cost import load_prices
 
-    return {
-        "instance": cfg.cost.instance,
-        "slo_ms": cfg.load.slo_ms,
-        "offered_rps": cfg.cost.offered_rps,
-        "prices": load_prices(cfg.cost.prices),
-    }
+    load_prices(cfg.cost.prices)
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -31,11 +31,13 @@ def build_report(
     slo_ms: float = 100.0,
     offered_rps: float | None = None,
     prices: PriceTable | None = None,
+    created_at: dt.datetime | None = None,
 ) -> Report:
     """One row per variant × runtime, with its cost per 1M inferences on ``instance``.
 
     ``instance`` defaults to a CPU instance with as many vCPUs as the benchmark machine had (see
-    :meth:`PriceTable.default_instance`); ``prices`` to the packaged table.
+    :meth:`PriceTable.default_instance`); ``prices`` to the packaged table; ``created_at`` to now (a
+    report rebuilt from a run's manifest takes the run's finish time, so it is the same every time).
     """
     prices = prices if prices is not None else load_prices(None)
     if instance is None:
@@ -61,7 +63,10 @@ def build_report(
             )
         )
     return Report(
-        created_at=dt.datetime.now(dt.UTC), model=model, rows=tuple(rows), skipped=dict(skipped or {})
+        created_at=created_at or dt.datetime.now(dt.UTC),
+        model=model,
+        rows=tuple(rows),
+        skipped=dict(skipped or {}),
     )
 
 

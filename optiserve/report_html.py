@@ -637,24 +637,34 @@ def cpu_pinning(config: ExperimentConfig) -> str:
     return f"server CPUs {servers}; load generator CPUs {generators}"
 
 
-def _machine(m: MachineInfo) -> str:
+def describe_machine(m: MachineInfo) -> str:
     return f"{m.cpu_model}, {m.logical_cpus} logical CPUs, {m.memory_gib} GiB, {m.platform} ({m.hostname})"
 
 
-def reproducibility(report: Report, context: dict[str, str]) -> str:
+def live_context() -> dict[str, str]:
+    """Versions and machine of the process writing the report (for a report with no run manifest)."""
     from optiserve.hardware import machine_info
 
-    items: list[tuple[str, str]] = [("report created", f"{report.created_at:%Y-%m-%d %H:%M:%S} UTC")]
-    items += [(f"version: {k}", v) for k, v in package_versions().items()]
-    measured = next((r.machine for row in report.rows for r in row.results), None)
-    if measured is not None:
-        items.append(("benchmark machine", _machine(measured)))
-    here = machine_info()
-    items.append(("this machine (CPU model and count)", _machine(here)))
+    context = {f"version: {k}": v for k, v in package_versions().items()}
+    context["this machine (CPU model and count)"] = describe_machine(machine_info())
     if hasattr(os, "sched_getaffinity"):
         cpus = sorted(os.sched_getaffinity(0))
-        items.append(("CPU affinity of the process writing this report", ", ".join(map(str, cpus))))
+        context["CPU affinity of the process writing this report"] = ", ".join(map(str, cpus))
+    return context
+
+
+def reproducibility(report: Report, context: dict[str, str]) -> str:
+    """The block that says how the figures were obtained. ``context`` comes from the run's manifest
+    (:func:`optiserve.run_manifest.manifest_context`); without recorded versions, the writing process's
+    own are shown (:func:`live_context`), labelled as such."""
     context = dict(context)
+    if not any(key.startswith("version: ") for key in context):
+        context = live_context() | context
+    items: list[tuple[str, str]] = [("report created", f"{report.created_at:%Y-%m-%d %H:%M:%S} UTC")]
+    items += [(k, context.pop(k)) for k in list(context) if k.startswith("version: ")]
+    measured = next((r.machine for row in report.rows for r in row.results), None)
+    if measured is not None:
+        items.append(("benchmark machine", describe_machine(measured)))
     items.append(("CPU pinning", context.pop("cpu_pinning", context.pop("cpu pinning", "not recorded"))))
     items.append(("command", context.pop("command", "not recorded")))
     items += sorted(context.items())

@@ -54,9 +54,28 @@ def assert_every_level_measured(run: Run, concurrency: list[int]) -> None:
             assert Path(result["samples_path"]).is_file()
 
 
+PRICES = """note: a private price list for the test
+instances:
+  test-box:
+    provider: onprem
+    region: lab
+    usd_per_hour: 1.23
+    vcpu: 2
+    memory_gib: 8
+"""
+
+
 @pytest.fixture(scope="module")
 def mlp_run(mlp_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
-    return optiserve_run(tmp_path_factory.mktemp("e2e-onnx"), "--model", mlp_onnx, "-c", "1,2", *QUICK)
+    """The tiny ONNX model, run with a config whose SLO, instance and price file are not the defaults."""
+    tmp = tmp_path_factory.mktemp("e2e-onnx")
+    (tmp / "prices.yaml").write_text(PRICES)
+    config = tmp / "experiment.yaml"
+    prices = tmp / "prices.yaml"
+    config.write_text(
+        f"load:\n  slo_ms: 7.5\ncost:\n  instance: test-box\n  offered_rps: 12\n  prices: {prices}\n"
+    )
+    return optiserve_run(tmp, config, "--model", mlp_onnx, "-c", "1,2", *QUICK)
 
 
 def test_run_an_onnx_file(mlp_run: Run) -> None:
@@ -96,16 +115,53 @@ def test_run_the_default_builtin_model(tmp_path: Path) -> None:
         assert row["size_bytes"] > 10_000_000
 
 
-def test_report_rebuilds_report_md(mlp_run: Run) -> None:
-    md = mlp_run.run_dir / "report.md"
-    original = md.read_text()
-    md.unlink()
-    done = run_cli("report", mlp_run.run_dir, cwd=mlp_run.workdir.parent)
-    assert done.returncode == 0, done.stderr
-    assert md.is_file()
-    rebuilt = md.read_text()
+REPORT_FILES = ("report.json", "report.md", "report.html")
+
+
+def test_report_rebuilds_the_run_s_report_byte_for_byte(mlp_run: Run) -> None:
+    """`optiserve report RUN_DIR` is a pure function of the run folder: the run's SLO, instance and
+    prices (from its manifest, not the defaults, not today's price file), the same bytes in all three
+    files, even after the price file changed and the workdir's variants are gone."""
+    run_dir = mlp_run.run_dir
+    original = {name: (run_dir / name).read_bytes() for name in REPORT_FILES}
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["slo_ms"] == 7.5 and manifest["instance"] == "test-box"
+    assert manifest["prices"]["instances"]["test-box"]["usd_per_hour"] == 1.23
+    assert manifest["config"]["load"]["slo_ms"] == 7.5 and manifest["finished_at"]
+    assert manifest["cpu_pinning"] and manifest["packages"]["python"] and manifest["machine"]["logical_cpus"]
+    assert "--model" in manifest["command"] and manifest["variants"]
     (row,) = mlp_run.report["rows"]
-    assert row["variant_id"] in rebuilt
-    # the same table, only the creation time may differ
-    assert rebuilt.splitlines()[3:] == original.splitlines()[3:]
-    assert str(md) in done.stdout
+    assert all(c["instance"] == "test-box" for c in row["costs"]), row["costs"]
+    assert row["costs"] and all(c["slo_ms"] == 7.5 and c["price_per_hour"] == 1.23 for c in row["costs"])
+    assert any(c["offered_rps"] == 12 for c in row["costs"])
+
+    # What the run read is changed or gone: the report must not look at it again.
+    (mlp_run.workdir.parent / "prices.yaml").write_text(PRICES.replace("1.23", "9.99"))
+    (mlp_run.workdir / "variants").rename(mlp_run.workdir / "variants.moved")
+    try:
+        for name in REPORT_FILES:
+            (run_dir / name).unlink()
+        done = run_cli("report", run_dir, cwd=mlp_run.workdir.parent.parent)
+    finally:
+        (mlp_run.workdir / "variants.moved").rename(mlp_run.workdir / "variants")
+        (mlp_run.workdir.parent / "prices.yaml").write_text(PRICES)
+    assert done.returncode == 0, done.stderr
+    assert "warning" not in done.stdout
+    assert str(run_dir / "report.md") in done.stdout
+    for name in REPORT_FILES:
+        assert (run_dir / name).read_bytes() == original[name], f"{name} differs from the run's"
+
+
+def test_report_of_a_folder_without_a_manifest_warns_and_uses_the_defaults(
+    mlp_run: Run, tmp_path: Path
+) -> None:
+    import shutil
+
+    old = tmp_path / "work" / "results" / "old-run"
+    shutil.copytree(mlp_run.run_dir, old)
+    (old / "manifest.json").unlink()
+    done = run_cli("report", old, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "has no manifest.json" in " ".join(done.stdout.split())
+    (row,) = json.loads((old / "report.json").read_text())["rows"]
+    assert all(c["instance"] != "test-box" for c in row["costs"])  # the defaults, and said so
