@@ -12,7 +12,7 @@ TEST_EXTRAS := $(RUN_EXTRAS),dev,deploy
 ARGS ?=
 PYTEST_ARGS ?= -q
 
-.PHONY: run test lint typecheck pytest venv clean system-deps docker-daemon photos
+.PHONY: run test lint deps-check typecheck pytest venv clean system-deps docker-daemon photos
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,13 +34,20 @@ run: $(VENV)/.run-deps
 	-@$(MAKE) --no-print-directory photos
 	$(VENV)/bin/optiserve run $(ARGS)
 
-## test: the Debian packages the tests use, format check, lint, mypy on optiserve/, then every test (pytest
-## exit 5, "no tests", is not a failure). The fashion-cnn tests need Fashion-MNIST's 10,000 test images.
-test: system-deps lint typecheck pytest
+## test: the Debian packages the tests use, format check, lint, the dependency check, mypy on optiserve/,
+## then every test (pytest exit 5, "no tests", is not a failure). The fashion-cnn tests need Fashion-MNIST's
+## 10,000 test images.
+test: system-deps lint deps-check typecheck pytest
 
 lint: $(VENV)/.test-deps
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
+
+## deps-check: deptry (configured in pyproject.toml) fails on a third-party import the package does not
+## declare, or a declared package it never uses; the tests are checked for undeclared imports.
+deps-check: $(VENV)/.test-deps
+	$(VENV)/bin/deptry .
+	$(VENV)/bin/deptry tests --exclude '\.venv' --known-first-party tests --ignore DEP002,DEP004
 
 # mypy cannot follow setuptools' editable-install import hook, so it checks a symlink tree laid out
 # the way the package is installed (optiserve/ with optimizers/, services/, ... inside it).
