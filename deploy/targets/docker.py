@@ -12,7 +12,6 @@ drains what is in flight), then removes the container.
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -21,7 +20,7 @@ from typing import Any, ClassVar
 
 from optiserve.errors import ServingError
 from optiserve.manifest import write_model
-from optiserve.procs import free_port
+from optiserve.procs import free_port, port_in_use
 from optiserve.progress import Steps
 from optiserve.registry import Availability
 from optiserve.types import Endpoint, ServiceSpec
@@ -79,7 +78,7 @@ class DockerTarget(Target):
                 hint=f"build it: optiserve build --containerize -v {spec.variant.id} -r {spec.runtime}",
             )
         host_port = spec.port or free_port("127.0.0.1")
-        if spec.port is not None and _port_taken(spec.port):
+        if spec.port is not None and port_in_use(spec.port):
             raise ServingError(f"port {spec.port} on 127.0.0.1 is already in use (pick another with --port)")
         name = f"optiserve-{_dns(spec.variant.id)}-{spec.runtime}-{host_port}"
         run_dir = self.workdir / "services" / name
@@ -173,12 +172,3 @@ def _dns(text: str) -> str:
     import re
 
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:40]
-
-
-def _port_taken(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False

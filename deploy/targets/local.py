@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from optiserve.errors import ServingError
 from optiserve.manifest import write_model
-from optiserve.procs import free_port, spawn, stop_group, tail
+from optiserve.procs import free_port, port_in_use, spawn, stop_group, tail
 from optiserve.types import Endpoint, ServiceSpec
 
 from .base import Target, startup_failed, wait_ready
@@ -33,6 +33,10 @@ class LocalTarget(Target):
     def start(self, spec: ServiceSpec, cpus: frozenset[int] | None = None) -> Endpoint:
         """Start a server for ``spec`` (on ``cpus`` only, when given) and return once it answers
         ``/readyz`` (model loaded, warmed up)."""
+        if spec.port is not None and port_in_use(spec.port, spec.host):
+            raise ServingError(
+                f"port {spec.port} on {spec.host} is already in use", hint="pick another with --port"
+            )
         port = spec.port or free_port(spec.host)
         spec = spec.model_copy(update={"port": port})
         name = f"{spec.variant.id}.{spec.runtime}"

@@ -109,3 +109,21 @@ def test_serve_refuses_cpus_this_machine_lacks(mlp_onnx: Path, tmp_path: Path) -
     assert done.returncode == 2, done.stderr
     (line,) = error_lines(done.stderr)
     assert "serving.cpus [4096] names CPUs this machine lacks" in line
+
+
+@pytest.mark.slow
+def test_serve_on_a_taken_port_is_one_line_naming_it(mlp_onnx: Path, tmp_path: Path) -> None:
+    import socket
+
+    workdir = tmp_path / "w"
+    built = run_cli("optimize", "--model", mlp_onnx, "--workdir", workdir, "-o", "onnx-export", cwd=tmp_path)
+    assert built.returncode == 0, built.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_cli("serve", "--model", mlp_onnx, "--workdir", workdir, "--port", port, cwd=tmp_path)
+    assert done.returncode == 7, done.stderr
+    (line,) = error_lines(done.stderr)
+    assert f"port {port} on 127.0.0.1 is already in use" in line and "--port" in line
+    assert not (workdir / "services").exists() or not list((workdir / "services").rglob("server.log"))
