@@ -8,9 +8,10 @@ code the CLI returns and the HTTP status a service answers with::
     ├── ConfigError                     exit 2, HTTP 400  bad flags, bad YAML, misspelt keys, wrong types
     ├── ModelError                      exit 3            unknown built-in, missing or unreadable model file
     ├── ArtifactError                   exit 4            missing, corrupted or hand-edited artifact/manifest
+    │   └── DiskFull                                      the disk filled up while writing (nothing half-done)
     ├── PluginUnavailable               exit 5            a plugin whose package is missing
     ├── OptimizationError               exit 6            an optimizer failed on this model
-    ├── ServingError                    exit 7            a server did not start or became ready
+    ├── ServingError                    exit 7, HTTP 503  a server did not start, not ready, or shed a request
     ├── LoadTestError                   exit 8            the load generator failed or produced no samples
     ├── InputValidationError            exit 2, HTTP 400  a malformed request (bad JSON, missing fields)
     │   ├── InvalidInput                        HTTP 422  well-formed, but shape/datatype/values do not fit
@@ -52,6 +53,11 @@ class ArtifactError(OptiserveError):
     exit_code = 4
 
 
+class DiskFull(ArtifactError):
+    """The filesystem filled up while an artifact or a result was written: fatal for the whole run (the
+    next step would fail the same way), never a per-optimizer skip."""
+
+
 class PluginUnavailable(OptiserveError):
     exit_code = 5
 
@@ -63,6 +69,11 @@ class OptimizationError(OptiserveError):
 class ServingError(OptiserveError):
     exit_code = 7
     http_status = 503
+
+    def __init__(self, message: str, *, hint: str | None = None, retry_after_s: int | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after_s = retry_after_s
+        """Whole seconds a client should wait before it retries (the 503's ``Retry-After``; None: 1)."""
 
 
 class LoadTestError(OptiserveError):

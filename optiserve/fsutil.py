@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from optiserve.errors import DiskFull
+
+DISK_FULL_BYTES = 256 * 1024
+"""Free space below which a failed write is blamed on a full disk. Some writers (ONNX Runtime's model
+serializer) report ENOSPC as an error of their own ("Protobuf serialization failed"); their partial
+output is still on disk when this is checked, so the filesystem is then all but full."""
 
 
 def sha256_file(path: Path) -> str:
@@ -27,9 +35,12 @@ def atomic_write_text(path: Path, text: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = disk_full(path.parent, e, path.name)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if full is not None:
+            raise full from e
         raise
 
 
@@ -47,6 +58,32 @@ def staging_dir(final: Path) -> Iterator[Path]:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
+        full = disk_full(final.parent, e, final.name)  # before the partial output is removed
         shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from e
         raise
+
+
+def disk_full(where: Path, error: BaseException, writing: str) -> DiskFull | None:
+    """A DiskFull naming the filesystem when ``error`` (or what caused it) is ENOSPC, or when the
+    filesystem holding ``where`` is all but full; else None."""
+    if isinstance(error, DiskFull | KeyboardInterrupt):
+        return None
+    seen: BaseException | None = error
+    enospc = False
+    while seen is not None and not enospc:
+        enospc = isinstance(seen, OSError) and seen.errno == errno.ENOSPC
+        seen = seen.__cause__ or seen.__context__
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return None
+    if not enospc and free >= DISK_FULL_BYTES:
+        return None
+    return DiskFull(
+        f"no space left on the filesystem of {where} ({free / 1024:.0f} KiB free) while writing {writing}; "
+        "nothing was left half-written",
+        hint="free some space or use another --workdir, then run again: what is missing is rebuilt",
+    )

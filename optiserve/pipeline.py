@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from optiserve.config import ExperimentConfig, OptimizerEntry
-from optiserve.errors import ConfigError, OptiserveError, PluginUnavailable
+from optiserve.errors import ConfigError, DiskFull, OptiserveError, PluginUnavailable
 from optiserve.fsutil import atomic_write_text
 from optiserve.manifest import list_variants, read_model, variant_dir, write_model
 from optiserve.progress import Steps
@@ -134,7 +134,7 @@ def optimize(config: ExperimentConfig, spec: ModelSpec, steps: Steps) -> tuple[l
                 try:
                     variants.append(opt.apply(parent, config.workdir, ctx))
                 except OptiserveError as e:
-                    if isinstance(e, PluginUnavailable | ConfigError):
+                    if isinstance(e, PluginUnavailable | ConfigError | DiskFull):
                         raise
                     skipped[f"{opt.name}({parent.id})"] = e.one_line()
     return variants, skipped
