@@ -8,11 +8,11 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 TORCH  := torch==2.13.0
 RUN_EXTRAS  := models,text,onnx,openvino,serve,load
-TEST_EXTRAS := $(RUN_EXTRAS),dev,deploy
+TEST_EXTRAS := $(RUN_EXTRAS),dev,deploy,tune
 ARGS ?=
 PYTEST_ARGS ?= -q
 
-.PHONY: run test lint deps-check typecheck pytest venv clean system-deps docker-daemon photos
+.PHONY: run test selftest lint deps-check typecheck pytest venv clean system-deps docker-daemon photos
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,15 @@ run: $(VENV)/.run-deps
 ## then every test (pytest exit 5, "no tests", is not a failure). The fashion-cnn tests need Fashion-MNIST's
 ## 10,000 test images.
 test: system-deps lint deps-check typecheck pytest
+
+## selftest: the reliability tests alone (fuzzing and the malformed corpus, overload, faults during a
+## benchmark, a full disk, a taken port, safe loading), ending with their figures (requests tried, 5xx,
+## crashes, results lost, recovery times). They are part of `make test` too.
+RELIABILITY_TESTS := tests/services/test_fuzzing.py tests/services/test_malformed_corpus.py \
+	tests/services/test_overload.py tests/loadtests/test_faults.py tests/optimizers/test_disk_full.py \
+	tests/services/test_safe_loading.py tests/loadtests/test_generator_cpu.py
+selftest: $(VENV)/.test-deps
+	$(PY) -m pytest -q $(RELIABILITY_TESTS) tests/deploy/test_targets.py::test_serve_on_a_taken_port_is_one_line_naming_it
 
 lint: $(VENV)/.test-deps
 	$(VENV)/bin/ruff format --check .

@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from optiserve.types import BenchResult, Endpoint, Integrity, LoadSpec
 from .stats import (
     Window,
     bootstrap_percentile_ci,
+    describe_error_window,
+    error_windows,
     late_fraction,
     latency_stats,
     measured_window,
@@ -88,17 +91,8 @@ def run_level(
     run_time = load.warmup_s + (sum(s for s, _ in load.profile) if load.profile else load.duration_s)
     started = dt.datetime.now(dt.UTC)
     proc = spawn(cmd, log=log, env=env, cpus=cpus)
-    cpu_peak = 0.0
     try:
-        watcher = psutil.Process(proc.pid)
-        watcher.cpu_percent(None)
-        began = time.monotonic()
-        while proc.poll() is None and time.monotonic() < began + run_time + 90:
-            time.sleep(0.5)
-            with contextlib.suppress(psutil.Error):
-                busy = watcher.cpu_percent(None)  # since the previous call: a 0.5 s average
-                if time.monotonic() - began > load.warmup_s + 1:
-                    cpu_peak = max(cpu_peak, busy)
+        cpu_peak = watch_generator(proc, timeout_s=run_time + 90, after_s=load.warmup_s + 1)
     finally:
         code = stop_group(proc, grace_s=10)
     if load.load_model == "closed":
@@ -110,6 +104,76 @@ def run_level(
             f"the load generator failed (exit {code}) for {stem}; last lines of {log}:\n{tail(log)}"
         )
     return result_from_samples(endpoint, load, samples_path, started, cpu_peak, capacity_rps)
+
+
+WATCH_EVERY_S = 0.5
+
+
+class GeneratorCpu:
+    """The CPU of a load generator's whole process tree: the master and every process below it.
+
+    Locust's ``--processes N`` forks its workers after the master starts, so the tree is looked up
+    again on every sample; each process keeps its one psutil.Process, whose ``cpu_percent`` is the
+    average since that object's previous call.
+    """
+
+    def __init__(self, root: psutil.Process) -> None:
+        self.root = root
+        self.procs: dict[int, psutil.Process] = {}
+        self.n_cpus = _allowed_cpus(root)
+        self.discover()
+
+    def discover(self) -> None:
+        """Start watching the processes that joined the tree since the last call."""
+        try:
+            tree = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return
+        for p in tree:
+            if self.procs.get(p.pid) != p:  # new, or a reused pid (Process equality checks start time)
+                with contextlib.suppress(psutil.Error):
+                    p.cpu_percent(None)  # primes it: its first sample is then a real interval
+                    self.procs[p.pid] = p
+
+    def sample(self) -> float:
+        """Percent of one core since the previous sample: the busiest process, or the whole tree's
+        total spread over the CPUs it may run on, whichever is higher.
+
+        The first catches one process at a full core (one Python process uses at most one); the second
+        workers that share too few CPUs (master and two workers pinned to one CPU: ~50% each, 100% in all).
+        """
+        busy = []
+        for pid, p in list(self.procs.items()):
+            try:
+                busy.append(p.cpu_percent(None))
+            except psutil.Error:  # exited
+                del self.procs[pid]
+        self.discover()
+        return max(max(busy, default=0.0), sum(busy) / self.n_cpus)
+
+
+def _allowed_cpus(p: psutil.Process) -> int:
+    try:
+        return max(1, len(p.cpu_affinity() or []))
+    except (psutil.Error, AttributeError):  # no affinity on this platform
+        return psutil.cpu_count() or 1
+
+
+def watch_generator(proc: subprocess.Popen[bytes], *, timeout_s: float, after_s: float) -> float:
+    """Until ``proc`` exits (at most ``timeout_s``): the peak of :meth:`GeneratorCpu.sample`, every
+    :data:`WATCH_EVERY_S`, from ``after_s`` seconds on (the warm-up and start-up are left out)."""
+    try:
+        cpu = GeneratorCpu(psutil.Process(proc.pid))
+    except psutil.Error:  # already gone: its exit code tells the caller why
+        return 0.0
+    peak = 0.0
+    began = time.monotonic()
+    while proc.poll() is None and time.monotonic() < began + timeout_s:
+        time.sleep(WATCH_EVERY_S)
+        busy = cpu.sample()
+        if time.monotonic() - began > after_s:
+            peak = max(peak, busy)
+    return peak
 
 
 def result_from_samples(
@@ -177,6 +241,8 @@ def _merge_parts(samples_path: Path) -> None:
 GENERATOR_CPU_LIMIT = 90.0
 RATE_SHORTFALL = 0.95
 LATE_LIMIT = 0.01
+MAX_WINDOW_FLAGS = 3
+"""Error windows described one by one in the flags; the rest are counted (all are in the result)."""
 
 
 def _integrity(window: Window, load: LoadSpec, cpu_peak: float, capacity_rps: float | None) -> Integrity:
@@ -198,6 +264,10 @@ def _integrity(window: Window, load: LoadSpec, cpu_peak: float, capacity_rps: fl
             )
     if late is not None and late > LATE_LIMIT:
         flags.append(f"{late:.1%} of sends left more than 1 ms late")
+    failures = error_windows(window)
+    flags += [f"errors: {describe_error_window(w)}" for w in failures[:MAX_WINDOW_FLAGS]]
+    if len(failures) > MAX_WINDOW_FLAGS:
+        flags.append(f"errors: {len(failures) - MAX_WINDOW_FLAGS} more stretches of failed requests")
     return Integrity(
         stable=stable,
         windows=windows,
@@ -205,6 +275,7 @@ def _integrity(window: Window, load: LoadSpec, cpu_peak: float, capacity_rps: fl
         late_fraction=late,
         generator_cpu_max=round(cpu_peak, 1),
         generator_capacity_rps=capacity_rps,
+        error_windows=tuple(failures),
         flags=tuple(flags),
     )
 

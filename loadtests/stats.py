@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from optiserve.types import Interval, LatencyStats
+from optiserve.types import ErrorWindow, Interval, LatencyStats
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,48 @@ def latency_stats(latency_ms: np.ndarray) -> LatencyStats | None:
         p99=float(p99),
         max=float(latency_ms.max()),
     )
+
+
+ERROR_GAP_S = 1.0
+"""Failed requests less than this apart (by send time) belong to one error window."""
+
+
+def error_windows(window: Window, gap_s: float = ERROR_GAP_S) -> list[ErrorWindow]:
+    """The stretches of failed requests in ``window``, each with how long the service took to answer
+    successfully again (first failure → first success sent after the stretch's last failure)."""
+    samples = window.samples
+    if len(samples) == 0 or samples.ok.all():
+        return []
+    order = np.argsort(samples.start_s, kind="stable")
+    start = samples.start_s[order]
+    done = start + samples.latency_ms[order] / 1000.0
+    ok = samples.ok[order]
+    t0 = float(start.min())
+    failed = np.flatnonzero(~ok)
+    groups = np.split(failed, np.flatnonzero(np.diff(start[failed]) > gap_s) + 1)
+    found = []
+    for group in groups:
+        first, last = int(group[0]), int(group[-1])
+        later = np.flatnonzero(ok[last + 1 :])
+        recovered = float(done[last + 1 + later[0]] - start[first]) if later.size else None
+        found.append(
+            ErrorWindow(
+                start_s=float(start[first] - t0),
+                end_s=float(done[group].max() - t0),
+                n_errors=len(group),
+                recovered_after_s=recovered,
+            )
+        )
+    return found
+
+
+def describe_error_window(w: ErrorWindow) -> str:
+    again = (
+        f"answering again {w.recovered_after_s:.1f} s after the first failure"
+        if w.recovered_after_s is not None
+        else "not answering again by the level's end"
+    )
+    return f"{w.n_errors} failed requests from {w.start_s:.1f} s to {w.end_s:.1f} s into the level; {again}"
 
 
 BOOTSTRAP_RESAMPLES = 1000

@@ -13,6 +13,7 @@ code the CLI returns and the HTTP status a service answers with::
     ├── OptimizationError               exit 6            an optimizer failed on this model
     ├── ServingError                    exit 7, HTTP 503  a server did not start, not ready, or shed a request
     ├── LoadTestError                   exit 8            the load generator failed or produced no samples
+    ├── SloNotMet                       exit 9            `tune`: no configuration searched met the SLO
     ├── InputValidationError            exit 2, HTTP 400  a malformed request (bad JSON, missing fields)
     │   ├── InvalidInput                        HTTP 422  well-formed, but shape/datatype/values do not fit
     │   ├── PayloadTooLarge                     HTTP 413  body or batch above the service's limits
@@ -78,6 +79,10 @@ class ServingError(OptiserveError):
 
 class LoadTestError(OptiserveError):
     exit_code = 8
+
+
+class SloNotMet(OptiserveError):
+    exit_code = 9
 
 
 class InputValidationError(OptiserveError):

@@ -10,13 +10,13 @@ import contextlib
 import datetime as dt
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from optiserve.config import ExperimentConfig, OptimizerEntry
-from optiserve.errors import ConfigError, DiskFull, OptiserveError, PluginUnavailable
+from optiserve.errors import ConfigError, DiskFull, LoadTestError, OptiserveError, PluginUnavailable
 from optiserve.fsutil import atomic_write_text
 from optiserve.manifest import list_variants, read_model, variant_dir, write_model
 from optiserve.progress import Steps
@@ -337,9 +337,18 @@ def gate(config: ExperimentConfig, p: Plan, evaluations: dict[tuple[str, str], E
     return Plan(spec=p.spec, variants=p.variants, pairs=kept, skipped=skipped)
 
 
-def bench(config: ExperimentConfig, p: Plan, run_dir: Path, steps: Steps) -> list[BenchResult]:
+def bench(
+    config: ExperimentConfig,
+    p: Plan,
+    run_dir: Path,
+    steps: Steps,
+    on_level: Callable[[BenchResult], None] | None = None,
+) -> list[BenchResult]:
     """Serve each pair alone (so pairs never compete for the CPU), with the server and the load
-    generator pinned to disjoint CPUs, and drive it through the scenario's levels."""
+    generator pinned to disjoint CPUs, and drive it through the scenario's levels.
+
+    ``on_level`` sees each level's result once it is written; an exception it raises stops the bench
+    there (servers and Prometheus are stopped as on any error): how `tune` prunes a hopeless trial."""
     import os
 
     from optiserve.config import cpu_split
@@ -370,6 +379,7 @@ def bench(config: ExperimentConfig, p: Plan, run_dir: Path, steps: Steps) -> lis
     deployment = configured_target(config)  # checked before anything starts
     deployment.prepare([service_spec(config, v, rt) for v, rt in p.pairs], steps)
     results: list[BenchResult] = []
+    lost = LostMeasurement()
     planned = len(scenario.levels())
     total = len(p.pairs) * (planned + 1)
     with (
@@ -412,17 +422,46 @@ def bench(config: ExperimentConfig, p: Plan, run_dir: Path, steps: Steps) -> lis
                     capacity_rps=capacity,
                     processes=config.load.locust_processes,
                 )
-                if server_metrics:
-                    server = server_side_stats(source, endpoint, *result_window(result), idle_after=True)
-                    result = result.model_copy(update={"server": server})
+                if server_metrics and lost.reason is None:
+                    try:
+                        server = server_side_stats(source, endpoint, *result_window(result), idle_after=True)
+                        result = result.model_copy(update={"server": server})
+                    except LoadTestError as e:  # e.g. Prometheus died: the client-side figures still stand
+                        lost.lose(e.one_line(), f"{name}, {shape}", run_dir, source.description)
+                if server_metrics and result.server is None:
+                    result = with_flag(result, f"no server-side figures ({lost.reason}); client-side only")
                 write_model(run_dir / "bench" / f"{level_stem(endpoint, load)}.json", result)
                 results.append(result)
                 advance(1)
+                if on_level is not None:
+                    on_level(result)
                 return result
 
             scenario.run(drive)
             deployment.stop(endpoint)
     return results
+
+
+class LostMeasurement:
+    """Why server-side figures stopped coming (None while they come). Once lost, later levels do not
+    ask again: a dead Prometheus would fail each of them the same way."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def lose(self, reason: str, level: str, run_dir: Path, description: str) -> None:
+        import logging
+
+        self.reason = reason
+        note = f"{description}; lost from {level} on: {reason} (client-side figures only from there)"
+        atomic_write_text(run_dir / "measurement.txt", note + "\n")
+        logging.getLogger(__name__).warning("server-side figures lost: %s", reason)
+
+
+def with_flag(result: BenchResult, flag: str) -> BenchResult:
+    """``result`` with one more integrity flag (shown wherever the level's figures are)."""
+    integrity = result.integrity.model_copy(update={"flags": (*result.integrity.flags, flag)})
+    return result.model_copy(update={"integrity": integrity})
 
 
 def scenario_from_config(config: ExperimentConfig) -> Scenario:
@@ -491,13 +530,14 @@ def stored_evaluations(
     return found
 
 
-def new_run_dir(workdir: Path) -> Path:
+def new_run_dir(workdir: Path, suffix: str = "") -> Path:
+    """``<workdir>/results/<UTC stamp>[-n]<suffix>``, created (never an existing one)."""
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
-    run_dir = workdir / "results" / stamp
+    run_dir = workdir / "results" / f"{stamp}{suffix}"
     n = 1
     while run_dir.exists():
         n += 1
-        run_dir = workdir / "results" / f"{stamp}-{n}"
+        run_dir = workdir / "results" / f"{stamp}-{n}{suffix}"
     run_dir.mkdir(parents=True)
     return run_dir
 

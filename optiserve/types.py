@@ -219,6 +219,9 @@ class ServingLimits(Frozen):
     """Samples one request may carry; more is refused with 413 (split the request)."""
     non_finite: Literal["reject", "allow"] = "reject"
     """NaN/Inf in a float input: ``reject`` (422) or ``allow`` (passed to the runtime as they are)."""
+    max_model_gib: float = Field(default=4.0, gt=0)
+    """A variant whose model files (its artifacts, and an ONNX model's external data) are larger in all is
+    refused before any runtime reads them: a runtime holds at least that much in memory."""
 
 
 class ServiceSpec(Frozen):
@@ -293,6 +296,18 @@ class LatencyStats(Frozen):
     max: float
 
 
+class ErrorWindow(Frozen):
+    """A stretch of failed requests in a load level (a worker killed, a restart, shedding), in seconds
+    from the start of the level's measured window."""
+
+    start_s: float
+    end_s: float = Field(description="when the last failed request of the stretch was answered")
+    n_errors: int
+    recovered_after_s: float | None = Field(
+        description="from the first failure to the first successful answer after the last; None: never"
+    )
+
+
 class Integrity(Frozen):
     """Whether a load level's figures can be trusted, and why not when they cannot."""
 
@@ -307,6 +322,8 @@ class Integrity(Frozen):
     """Peak CPU of the load generator process (percent of one core)."""
     generator_capacity_rps: float | None = None
     """What this generator achieves against a null endpoint on this machine (measured at start)."""
+    error_windows: tuple[ErrorWindow, ...] = ()
+    """Stretches of failed requests, and how long the service took to answer again after each."""
     flags: tuple[str, ...] = ()
     """Human-readable reasons to distrust this level (unstable, generator saturated, rate not reached)."""
 

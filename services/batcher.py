@@ -27,13 +27,16 @@ What else it does:
 - samples of different lengths on a dynamic axis (token ids) are padded to the longest when the model
   declares a pad value, and otherwise run as separate groups of equal shape, so batching never
   changes a result;
-- a shed request raises :class:`~optiserve.errors.ServingError` (HTTP 503) with what to change;
+- a shed request raises :class:`~optiserve.errors.ServingError` (HTTP 503) with what to change, and
+  when to retry: the predicted time to run what is still queued (:meth:`Batcher.drain_s`), in whole
+  seconds, at least 1 (the response's ``Retry-After``);
 - a failing runtime fails the requests of that batch, never the batcher.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -57,6 +60,11 @@ checks, metrics, other connections' reads) for about this long at most. The firs
 runs on the inference thread."""
 MODEL_WINDOW = 100
 """Batches the batch-time model is fitted to (the most recent ones, so it follows a changing machine)."""
+
+
+def retry_after(seconds: float) -> int:
+    """A ``Retry-After`` value: whole seconds, rounded up, at least 1 (the header takes no fractions)."""
+    return max(1, math.ceil(seconds))
 
 
 class BatchObserver(Protocol):
@@ -142,6 +150,8 @@ class Batcher:
         self._busy = False
         self._lone_s = float("inf")
         """How long the last lone one-sample request took (none yet: never inline)."""
+        self._inline_end = 0.0
+        """When the last request run on the event loop's thread finished (perf_counter)."""
         self._executor: ThreadPoolExecutor | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # running batches (a reference keeps each alive)
         self._size_s: dict[int, float] = {}
@@ -194,6 +204,20 @@ class Batcher:
             return None
         return self.model.a, self.model.b
 
+    def may_hide_company(self, batch: np.ndarray) -> bool:
+        """Whether ``batch`` would run inline right after an inline run that ended less than that run's
+        own duration ago. Requests that arrived while that run blocked the loop are then read, their
+        tasks scheduled but not started, so a caller's in-flight count does not see them yet (a lone
+        client's next request comes a round trip later; a queue's, at once)."""
+        return (
+            self.enabled
+            and len(batch) == 1
+            and not self._busy
+            and not self._queue
+            and self._lone_s < INLINE_MAX_S
+            and time.perf_counter() - self._inline_end < self._lone_s
+        )
+
     async def __call__(self, batch: np.ndarray, *, alone: bool = False) -> np.ndarray:
         """Infer one request's samples (first axis), batched with whatever else is queued.
 
@@ -229,6 +253,7 @@ class Batcher:
         try:
             if single and inline_ok and self._lone_s < INLINE_MAX_S:
                 (result,) = self._run_parts([batch])
+                self._inline_end = time.perf_counter()
             else:
                 (result,) = await self._in_thread(self._run_parts, [batch])
             took = time.perf_counter() - started
@@ -297,10 +322,17 @@ class Batcher:
             self._busy = False
             self._dispatch()
 
+    def drain_s(self) -> float:
+        """Predicted seconds until what is queued now has run, in batches of the preferred size."""
+        size = self.preferred_batch_size
+        batches = -(-self._queued_samples // size)
+        return batches * self.model.predict(size)
+
     def _overloaded(self) -> ServingError:
         return ServingError(
             f"server overloaded: the batcher could not answer within max_latency_ms={self.max_latency_ms}",
             hint="retry later, add replicas, or raise batching.max_latency_ms",
+            retry_after_s=retry_after(self.drain_s()),
         )
 
     async def _in_thread(self, fn: Callable[[Any], Any], arg: object) -> Any:

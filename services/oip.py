@@ -55,6 +55,8 @@ def create_app(get_core: Any) -> Starlette:
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
+    from .core import retry_headers
+
     def core() -> ServingCore:
         c = get_core()
         if c is None:
@@ -69,8 +71,11 @@ def create_app(get_core: Any) -> Starlette:
     async def live(request: Request) -> Response:
         return Response(status_code=200)
 
+    def readiness(c: ServingCore) -> Response:
+        return Response(status_code=200) if c.ready else Response(status_code=503, headers=retry_headers())
+
     async def ready(request: Request) -> Response:
-        return Response(status_code=200 if core().ready else 503)
+        return readiness(core())
 
     def check_model(c: ServingCore, request: Request) -> None:
         name = request.path_params["name"]
@@ -99,7 +104,7 @@ def create_app(get_core: Any) -> Starlette:
 
         async def handler() -> Response:
             check_model(c, request)
-            return Response(status_code=200 if c.ready else 503)
+            return readiness(c)
 
         return await c.answer("oip", handler, inference=False)
 

@@ -113,7 +113,7 @@ def _parse_input(raw: Any, k: int, binary: memoryview) -> tuple[InputTensor, int
     datatype = raw.get("datatype")
     if not isinstance(name, str) or not name:
         raise InputValidationError(f"inputs[{k}]: 'name' must be a non-empty string")
-    if datatype != "BYTES" and datatype not in OIP_TO_NUMPY:
+    if not isinstance(datatype, str) or (datatype != "BYTES" and datatype not in OIP_TO_NUMPY):
         raise InvalidInput(
             f"input {name!r}: unknown datatype {datatype!r:.40}; expected one of "
             f"{', '.join([*OIP_TO_NUMPY, 'BYTES'])}"

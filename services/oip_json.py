@@ -9,8 +9,9 @@ written by orjson, which serializes numpy arrays natively.
 Every malformed document is an :class:`~optiserve.errors.InputValidationError` (400) and every
 well-formed document whose tensor data does not fit its datatype an
 :class:`~optiserve.errors.InvalidInput` (422): invalid UTF-8, trailing bytes, NaN/Infinity literals
-(not JSON), numbers out of the float64/64-bit range, nesting deeper than :data:`MAX_DEPTH`, and
-duplicate keys (which a parser would otherwise resolve silently, one way or the other) are all refused.
+(not JSON), numbers out of the float64/64-bit range, nesting deeper than :data:`MAX_DEPTH`,
+duplicate keys (which a parser would otherwise resolve silently, one way or the other) and keys with a
+NUL character are all refused.
 
 Without pysimdjson (a client-only install) the same rules hold through the standard library, slower.
 """
@@ -55,7 +56,7 @@ def _to_python(value: Any, simdjson: Any, lazy_inputs: bool = False, depth: int 
         raise InputValidationError(f"the request nests deeper than {MAX_DEPTH} levels outside tensor data")
     if isinstance(value, simdjson.Object):
         out = {}
-        for k in _unique_keys(list(value.keys())):
+        for k in _checked_keys(list(value.keys())):
             if lazy_inputs and k == "inputs" and isinstance(value[k], simdjson.Array):
                 out[k] = [_input(item, simdjson, depth + 2) for item in value[k]]
             else:
@@ -71,13 +72,17 @@ def _input(item: Any, simdjson: Any, depth: int) -> Any:
     if not isinstance(item, simdjson.Object):
         return _to_python(item, simdjson, depth=depth)
     out = {}
-    for k in _unique_keys(list(item.keys())):
+    for k in _checked_keys(list(item.keys())):
         lazy = k == LAZY_KEY and isinstance(item[k], simdjson.Array)
         out[k] = item[k] if lazy else _to_python(item[k], simdjson, depth=depth + 1)
     return out
 
 
-def _unique_keys(keys: list[str]) -> list[str]:
+def _checked_keys(keys: list[str]) -> list[str]:
+    """An object's keys, if each appears once and none holds a NUL character: simdjson lists such a
+    key but cannot look it up (a 500, found by fuzzing), and no protocol field has one."""
+    if any("\x00" in k for k in keys):
+        raise InputValidationError("a key of a JSON object contains a NUL character (\\u0000)")
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
         raise InputValidationError(f"duplicate key {dup!r:.60} in a JSON object; each key must appear once")
@@ -86,7 +91,7 @@ def _unique_keys(keys: list[str]) -> list[str]:
 
 def _load_stdlib(raw: bytes) -> dict[str, Any]:
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        _unique_keys([k for k, _ in pairs])
+        _checked_keys([k for k, _ in pairs])
         return dict(pairs)
 
     def no_constant(name: str) -> Any:

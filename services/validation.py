@@ -38,10 +38,17 @@ def oip_datatype(dtype: str) -> str:
     return NUMPY_TO_OIP[dtype]
 
 
+MAX_RANK = 32
+"""The most dimensions a declared shape may have: numpy's arrays stop at 64 (32 before numpy 2), and a
+shape past that was a 500 when the tensor was reshaped; no model's input comes near."""
+
+
 def check_shape_list(shape: object, what: str) -> tuple[int, ...]:
-    """A declared shape: a list of non-negative integers."""
+    """A declared shape: a list of at most :data:`MAX_RANK` non-negative integers."""
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise InvalidInput(f"{what}: shape must be a list of integers, got {shape!r:.80}")
+    if len(shape) > MAX_RANK:
+        raise InvalidInput(f"{what}: shape has {len(shape)} dimensions; at most {MAX_RANK}")
     if any(d < 0 for d in shape):
         raise InvalidInput(f"{what}: shape must not have negative dimensions, got {shape}")
     return tuple(shape)

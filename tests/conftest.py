@@ -7,8 +7,9 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -234,3 +235,27 @@ def mlp_endpoint(onnx_source: Variant, variants_workdir: Path) -> Iterator[Endpo
     """A real `bentoml serve` process for the ONNX MLP on onnxruntime, for the whole session."""
     with LocalTarget(variants_workdir, ready_timeout_s=120) as deployment:
         yield deployment.start(service_spec(onnx_source, variants_workdir, "onnxruntime"))
+
+
+# --- reliability figures ----------------------------------------------------------------------------------
+
+RELIABILITY_FIGURES: list[tuple[str, str, str]] = []
+"""(test, figure, value) recorded by the fuzzing, overload and fault tests; printed after the run."""
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest) -> Callable[[str, object], None]:
+    """``figures(name, value)``: one reliability figure, shown in the session's summary (`make selftest`)."""
+
+    def record(name: str, value: object) -> None:
+        RELIABILITY_FIGURES.append((request.node.name, name, str(value)))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not RELIABILITY_FIGURES:
+        return
+    terminalreporter.section("reliability figures")
+    for test, name, value in RELIABILITY_FIGURES:
+        terminalreporter.write_line(f"{name:<44} {value:<28} ({test})")

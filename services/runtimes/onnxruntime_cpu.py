@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from optiserve.errors import ArtifactError, ConfigError
+from optiserve.safeload import onnx_external_data
 from optiserve.types import ArtifactFormat
 
 from .base import Runtime
@@ -25,7 +26,8 @@ class OnnxRuntimeCPU(Runtime):
     name: ClassVar[str] = "onnxruntime"
     short: ClassVar[str] = "ort"
     description: ClassVar[str] = "ONNX Runtime, CPU execution provider"
-    requires: ClassVar[tuple[str, ...]] = ("onnxruntime",)
+    requires: ClassVar[tuple[str, ...]] = ("onnxruntime", "onnx")
+    """``onnx`` reads where the model keeps its weights before ONNX Runtime opens anything (safeload)."""
     extra: ClassVar[str] = "onnx"
     formats: ClassVar[tuple[ArtifactFormat, ...]] = ("onnx",)
     option_names: ClassVar[tuple[str, ...]] = ("execution_provider",)
@@ -58,6 +60,7 @@ class OnnxRuntimeCPU(Runtime):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         path = self.variant_dir / self.variant.artifacts["model"].path
         providers = self.providers()
+        onnx_external_data(path, self.variant_dir)  # refuses data files outside the variant's folder
         try:
             # WeightBiasQuantization (ORT >= 1.20) would re-quantize, per tensor, every float Conv/Gemm that
             # follows a DequantizeLinear: it silently undoes "keep this node in float" in INT8 variants.

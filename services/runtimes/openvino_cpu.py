@@ -21,6 +21,7 @@ import threading
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from optiserve.errors import ArtifactError, ConfigError
+from optiserve.safeload import ONNX_SUFFIX, onnx_external_data
 from optiserve.types import ArtifactFormat
 
 from .base import Runtime
@@ -38,6 +39,7 @@ class OpenVinoCPU(Runtime):
     formats: ClassVar[tuple[ArtifactFormat, ...]] = ("openvino",)
 
     option_names: ClassVar[tuple[str, ...]] = ("device",)
+    uses_streams: ClassVar[bool] = True
     precision_hint: ClassVar[str] = "f32"
     """``f32`` keeps FP32 FP32 (see the module docstring); ``bf16`` trades accuracy for speed."""
 
@@ -63,6 +65,8 @@ class OpenVinoCPU(Runtime):
         import openvino as ov
 
         path = self.variant_dir / self.variant.artifacts["model"].path
+        if path.suffix == ONNX_SUFFIX:  # OpenVINO reads ONNX too, external data included
+            onnx_external_data(path, self.variant_dir)
         core = ov.Core()
         device = self.device(core)
         try:

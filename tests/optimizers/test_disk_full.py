@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +69,7 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_a_full_disk_during_optimize_is_one_clear_error_and_the_next_run_rebuilds(
-    small_tmpfs: Path, tmp_path: Path
+    small_tmpfs: Path, tmp_path: Path, figures: Callable[[str, object], None]
 ) -> None:
     model = write_wide_onnx(tmp_path / "wide.onnx")
     workdir = small_tmpfs / "work"
@@ -86,9 +86,13 @@ def test_a_full_disk_during_optimize_is_one_clear_error_and_the_next_run_rebuild
     for folder in variants.iterdir():  # whatever is there is complete and verifies
         load_variant(folder)
     assert len(list(variants.iterdir())) == 1  # the source only: the optimized copy did not fit
+    figures("disk full: exit code / half-written folders", f"{done.returncode} / {len(leftovers)}")
 
     mount(["mount", "-o", "remount,size=8m", str(small_tmpfs)])
     again = run_cli(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     rebuilt = [load_variant(p) for p in variants.iterdir()]
-    assert sorted(v.steps[-1].optimizer if v.steps else "source" for v in rebuilt) == ["ort-optimize", "source"]
+    assert sorted(v.steps[-1].optimizer if v.steps else "source" for v in rebuilt) == [
+        "ort-optimize",
+        "source",
+    ]

@@ -88,6 +88,44 @@ def test_an_overloaded_batcher_sheds_with_a_503_that_says_what_to_change() -> No
     assert not [o for o in outcomes if isinstance(o, Exception) and not isinstance(o, ServingError)]
 
 
+def test_a_shed_request_says_when_to_retry_from_the_queue_it_leaves_behind() -> None:
+    """Retry-After: the predicted time to run what is still queued, whole seconds, at least 1. Shed
+    oldest first, each leaves a shorter queue behind, so the values fall to 1."""
+    model = Recorder(delay_s=0.2)
+    batcher = Batcher(model, max_batch_size=2, max_latency_ms=50)
+
+    async def flood() -> list[object]:
+        return await asyncio.gather(
+            *(batcher(np.ones((1, 2), dtype=np.float32)) for _ in range(30)), return_exceptions=True
+        )
+
+    waits = [o.retry_after_s for o in asyncio.run(flood()) if isinstance(o, ServingError)]
+    assert waits and all(isinstance(w, int) and w >= 1 for w in waits), waits
+    # The first shed leaves ~27 samples: 14 batches of 2 at the fitted ~0.4 s a batch ≈ 6 s.
+    assert 4 <= waits[0] <= 8, waits
+    assert waits == sorted(waits, reverse=True) and waits[-1] == 1, waits
+
+
+def test_right_after_an_inline_run_the_caller_is_asked_to_look_for_company() -> None:
+    """An inline run blocks the loop; requests read meanwhile are not yet counted by the caller, so
+    for as long as that run took the batcher says company may be hidden (ServingCore then yields
+    once before trusting its count)."""
+    batcher = Batcher(Recorder(delay_s=0.005), max_batch_size=4, max_latency_ms=10_000)
+    one = np.ones((1, 2), dtype=np.float32)
+
+    async def scenario() -> list[bool]:
+        await batcher(one, alone=True)  # on the inference thread: times it
+        seen = [batcher.may_hide_company(one)]
+        await batcher(one, alone=True)  # inline
+        seen.append(batcher.may_hide_company(one))
+        seen.append(batcher.may_hide_company(np.ones((2, 2), dtype=np.float32)))  # never inline
+        await asyncio.sleep(0.02)  # a lone client's next request comes later than the run took
+        seen.append(batcher.may_hide_company(one))
+        return seen
+
+    assert asyncio.run(scenario()) == [False, True, False, False]
+
+
 def test_without_batching_every_request_runs_alone() -> None:
     model = Recorder(delay_s=0.01)
     batcher = Batcher(model, max_batch_size=8, max_latency_ms=10_000, enabled=False)
