@@ -290,6 +290,21 @@ def _set_step(node: Any, step: str | int, item: str) -> Any:
     return node.setdefault(step, {})
 
 
+def read_values(path: Path) -> dict[str, Any]:
+    """Chart values from a YAML file (as `optiserve tune` writes them); one line when it is not one."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--values {path}: no such file") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--values {path}: not YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(values, dict) or not isinstance(values.get("variants"), list) or not values["variants"]:
+        raise ConfigError(f"--values {path}: expected chart values with a non-empty `variants:` list")
+    return values
+
+
 def write_values(values: Mapping[str, Any], path: Path) -> Path:
     import yaml
 

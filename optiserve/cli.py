@@ -509,6 +509,78 @@ def bench(
 
 
 @app.command()
+def tune(
+    config: ConfigArg = None,
+    model: ModelOpt = None,
+    workdir: WorkdirOpt = None,
+    target: TargetOpt = None,
+    input_shape: InputShapeOpt = None,
+    strategy: Annotated[
+        str | None, typer.Option("--strategy", help="grid, random or bayesian (Optuna's TPE; the default).")
+    ] = None,
+    trials: Annotated[
+        int | None, typer.Option("--trials", help="Trials to measure (default: grid size, or a third of it).")
+    ] = None,
+    slo: Annotated[float | None, typer.Option("--slo", help="The p99 bound in ms (load.slo_ms).")] = None,
+    offered_rps: Annotated[
+        float | None,
+        typer.Option("--rps", help="Target rate to serve (cost.offered_rps; default: each one's highest)."),
+    ] = None,
+) -> None:
+    """Search variant × runtime × batch size × batching deadline × threads/streams for the cheapest
+    configuration whose p99 meets the SLO; write the Pareto front, a recommended config and Helm values.
+
+    Example: [bold]optiserve tune --model efficientnet-lite0 --slo 50 --strategy bayesian --trials 8[/]
+    """
+    from optiserve.config import cpu_split
+    from optiserve.cost import load_prices
+    from optiserve.errors import SloNotMet
+    from optiserve.tune.outcome import closest, recommended, write_outputs
+    from optiserve.tune.space import build_space
+    from optiserve.tune.study import run_study
+
+    cfg = _config(config, model=model, workdir=workdir, target=target, input_shape=input_shape)
+    overrides: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "tune.strategy": strategy,
+            "tune.trials": trials,
+            "load.slo_ms": slo,
+            "cost.offered_rps": offered_rps,
+        }.items()
+        if v is not None
+    }
+    cfg = with_overrides(cfg, overrides) if overrides else cfg
+    prices = load_prices(cfg.cost.prices)
+    p = _existing_plan(cfg, list(cfg.tune.space.variants) if cfg.tune.space.variants else None)
+    server_cpus, _ = cpu_split(sorted(os.sched_getaffinity(0)), cfg.serving.cpus, cfg.load.generator_cpus)
+    space = build_space(cfg, p, len(server_cpus) if server_cpus else os.cpu_count() or 1)
+    instance = cfg.cost.instance or prices.default_instance()
+    prices.get(instance)  # an unknown instance fails here, not after the search
+    from optiserve import pipeline
+
+    stored = pipeline.stored_evaluations(cfg, p.variants)
+    out_dir = pipeline.new_run_dir(cfg.workdir, suffix="-tune")
+    steps = Steps()
+    steps.note(f"Search space: {space.describe()}; strategy {cfg.tune.strategy}")
+    study = run_study(
+        cfg, p, space, out_dir, prices=prices, instance=instance, evaluations=stored, steps=steps
+    )
+    written = write_outputs(cfg, study, space, out_dir)
+    out.print(written["md"].read_text().split("\n", 2)[2])
+    best = recommended(study.outcomes)
+    if best is None:
+        lines = closest(study.outcomes, cfg.load.slo_ms)
+        raise SloNotMet(
+            f"no configuration of the {len(study.outcomes)} measured met p99 <= {cfg.load.slo_ms:g} ms"
+            + (f"; closest: {lines[0]}" if lines else ""),
+            hint=f"see {written['md']}; relax --slo or widen tune.space",
+        )
+    out.print(f"Recommended config: {written['config']}  Helm values: {written['values']}")
+    out.print(f"Deploy it: optiserve deploy --values {written['values']}   Report: {written['html']}")
+
+
+@app.command()
 def compare(
     a: Annotated[
         str, typer.Argument(help="Variant A: an id, optionally @runtime (default: its first runtime).")
@@ -698,6 +770,12 @@ def deploy(
         list[str] | None,
         typer.Option("--set", help="Chart value KEY=VALUE (repeatable): --set monitoring.enabled=true."),
     ] = None,
+    values_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--values", help="Install these chart values as they are (e.g. `tune`'s recommendation)."
+        ),
+    ] = None,
 ) -> None:
     """Deploy servable variants to Kubernetes with the helm/optiserve chart: one Deployment + Service
     each, from the Bento images of `optiserve build --containerize`. The values it renders are written
@@ -709,15 +787,18 @@ def deploy(
     from optiserve.deploy import k8s
 
     cfg = _config(config, model=model, workdir=workdir, runtimes=runtime, input_shape=input_shape)
-    p = _existing_plan(cfg, variant)
-    specs = [pipeline.service_spec(cfg, v, rt) for v, rt in p.pairs]
-    values = k8s.build_values(
-        specs,
-        repository=image_repository,
-        weights=k8s.parse_weights(weights),
-        payloads=_loadgen_payloads(cfg, p.spec),
-        baked={(s.variant.id, s.runtime): k8s.baked_spec(s) for s in specs},
-    )
+    if values_file is not None:
+        values = k8s.read_values(values_file)
+    else:
+        p = _existing_plan(cfg, variant)
+        specs = [pipeline.service_spec(cfg, v, rt) for v, rt in p.pairs]
+        values = k8s.build_values(
+            specs,
+            repository=image_repository,
+            weights=k8s.parse_weights(weights),
+            payloads=_loadgen_payloads(cfg, p.spec),
+            baked={(s.variant.id, s.runtime): k8s.baked_spec(s) for s in specs},
+        )
     k8s.apply_sets(values, set_values or [])
     values_path = k8s.write_values(values, cfg.workdir / "deploy" / "values.yaml")
     target = k8s.Target(release=release, namespace=namespace)

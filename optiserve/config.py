@@ -141,6 +141,44 @@ class KubernetesConfig(Strict):
     release_prefix: str = "optiserve"
 
 
+class TuneSpace(Strict):
+    """What `optiserve tune` searches: every combination of these is one candidate configuration."""
+
+    variants: tuple[str, ...] | None = Field(default=None, min_length=1)
+    """Variant ids (default: every variant in the workdir that passed its accuracy gate)."""
+    runtimes: tuple[str, ...] | None = Field(default=None, min_length=1)
+    """Runtimes (default: ``serving.runtimes``, else every available runtime that serves the variant)."""
+    max_batch_size: tuple[int, ...] = Field(default=(2, 4, 8, 16), min_length=1)
+    max_latency_ms: tuple[int, ...] = Field(default=(100, 1000), min_length=1)
+    """The batching deadline: how long a request may wait in the queue before it is shed (HTTP 503)."""
+    intra_op_threads: tuple[int, ...] = Field(default=(1,), min_length=1)
+    streams: tuple[int, ...] = Field(default=(1,), min_length=1)
+    """OpenVINO inference streams (other runtimes run one batch at a time and ignore this)."""
+    replicas: tuple[int, ...] = Field(default=(1,), min_length=1)
+    """Servers, each on CPUs of its own; more than the machine's server CPUs allow is refused."""
+
+
+class TuneConfig(Strict):
+    """`optiserve tune`: the cheapest configuration whose p99 meets ``load.slo_ms`` (at ``cost.offered_rps``
+    when set, else at its highest such rate) with accuracy at or above ``eval.gate`` × FP32."""
+
+    strategy: Literal["grid", "random", "bayesian"] = "bayesian"
+    trials: int | None = Field(default=None, ge=1)
+    """Trials to run (default: the grid's size for ``grid``, a third of it, at least 4, otherwise)."""
+    seed: int = 0
+    space: TuneSpace = TuneSpace()
+    min_rate: float = Field(default=5.0, gt=0)
+    max_rate: float = Field(default=2000.0, gt=0)
+    steps: int = Field(default=4, ge=1, le=12)
+    """Rate-search levels after the first (each halves the bracket once the rate failed)."""
+    duration_s: float = Field(default=4.0, gt=0)
+    warmup_s: float = Field(default=1.0, ge=0)
+    remeasure: int = Field(default=1, ge=0, le=3)
+    """Times a trial whose best level was unstable is measured again before it is marked noisy."""
+    study: str | None = None
+    """The Optuna study's name in ``<workdir>/tune/studies.db`` (default: derived from the search)."""
+
+
 class ExperimentConfig(Strict):
     model: ModelConfig = ModelConfig()
     workdir: Path = Path("optiserve-work")
@@ -153,6 +191,7 @@ class ExperimentConfig(Strict):
     eval: EvalConfig = EvalConfig()
     cost: CostConfig = CostConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
+    tune: TuneConfig = TuneConfig()
 
 
 def _describe(error: Any, model: type[BaseModel]) -> str:

@@ -30,7 +30,7 @@ class Steps:
     @contextlib.contextmanager
     def task(self, description: str, total: int | None = None) -> Iterator[_Advance]:
         if not self.enabled:
-            yield _Advance(None, None)
+            yield _Advance(None, None, quiet=True)
             return
         if not self.live:
             started = time.monotonic()
@@ -60,9 +60,10 @@ class Steps:
 
 
 class _Advance:
-    def __init__(self, progress: Progress | None, tid: object) -> None:
+    def __init__(self, progress: Progress | None, tid: object, *, quiet: bool = False) -> None:
         self._progress = progress
         self._tid = tid
+        self._quiet = quiet
 
     def __call__(self, step: int = 1, description: str | None = None) -> None:
         if self._progress is not None:
@@ -70,5 +71,5 @@ class _Advance:
             self._progress.advance(self._tid, step)  # type: ignore[arg-type]
             if kwargs:
                 self._progress.update(self._tid, **kwargs)  # type: ignore[arg-type]
-        elif description and not sys.stderr.isatty():
+        elif description and not self._quiet and not sys.stderr.isatty():
             console.print(f"  · {description}")

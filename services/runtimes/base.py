@@ -29,6 +29,9 @@ class Runtime(Plugin, base=True, package="optiserve.services.runtimes"):
     option_names: ClassVar[tuple[str, ...]] = ()
     """Keys this runtime reads from ``ServiceSpec.runtime_options``."""
 
+    uses_streams: ClassVar[bool] = False
+    """Whether ``threads.streams`` (parallel inference streams) means anything to this runtime."""
+
     def __init__(
         self,
         variant: Variant,

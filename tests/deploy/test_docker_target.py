@@ -346,3 +346,26 @@ def test_daemon_that_does_not_answer_is_one_line_exit_5(mlp_onnx: Path, tmp_path
     assert done.returncode == 5, done.stderr
     (line,) = error_lines(done.stderr)
     assert "container engine" in line and "daemon" in line
+
+
+def test_tune_measures_its_trials_in_containers(
+    engine: None, mlp_image: str, onnx_source: Variant, variants_workdir: Path, mlp_onnx: Path, tmp_path: Path
+) -> None:
+    """`optiserve tune --target docker`: each trial's server is the image's container, run with the trial's
+    own batching settings (the chart's pod spec carries them), and the study completes."""
+    import yaml
+
+    work = tmp_path / "w"
+    shutil.copytree(variants_workdir / "variants" / onnx_source.id, work / "variants" / onnx_source.id)
+    config = tmp_path / "tune.yaml"
+    tune = {"strategy": "grid", "duration_s": 2, "warmup_s": 0.5, "steps": 1, "min_rate": 10, "remeasure": 0}
+    tune["space"] = {"max_batch_size": [4], "max_latency_ms": [1000], "runtimes": ["onnxruntime"]}
+    config.write_text(yaml.safe_dump({"model": {"ref": str(mlp_onnx)}, "workdir": str(work), "tune": tune}))
+    done = run_cli("tune", config, "--target", "docker", "--slo", 500, cwd=tmp_path, timeout=600)
+    assert done.returncode in (0, 9), done.stderr  # 9: measured, but the SLO search did not trust a level
+    (out,) = work.glob("results/*-tune")
+    (trial,) = json.loads((out / "tune.json").read_text())["trials"]
+    assert trial["levels"] >= 1 and trial["params"]["max_batch_size"] == 4
+    results = [json.loads(p.read_text()) for p in Path(trial["run_dir"]).glob("bench/*.json")]
+    assert results and all(r["endpoint"]["target"] == "docker" for r in results)
+    assert all(r["endpoint"]["service"]["batching"]["max_batch_size"] == 4 for r in results)

@@ -7,7 +7,7 @@ import json
 import random
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -206,7 +206,9 @@ def good_latencies(client: httpx.Client, endpoint: Endpoint, n: int = 30) -> lis
     return out
 
 
-def test_malformed_requests_never_get_a_5xx_and_leave_the_server_healthy(mlp_endpoint: Endpoint) -> None:
+def test_malformed_requests_never_get_a_5xx_and_leave_the_server_healthy(
+    mlp_endpoint: Endpoint, figures: Callable[[str, object], None]
+) -> None:
     infer = mlp_endpoint.infer_url.removeprefix(mlp_endpoint.url)
     corpus = hand_made(infer) + list(generated(infer, 80))
     assert len(corpus) >= 100
@@ -225,6 +227,10 @@ def test_malformed_requests_never_get_a_5xx_and_leave_the_server_healthy(mlp_end
                     response.text[:80],
                 )
                 assert response.json().get("error"), bad.what  # every 4xx says, in JSON, what was wrong
+        figures(
+            "hand corpus + damaged binary: requests / 5xx",
+            f"{len(corpus)} / {sum(n for c, n in statuses.items() if c >= 500)}",
+        )
         assert not failures, "\n".join(failures)
         assert set(statuses) <= {400, 404, 405, 413, 415, 422}, statuses
         assert client.get("/v2/health/ready").status_code == 200

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -259,7 +259,7 @@ def start_open_loop(endpoint: Endpoint, rate: float, out: Path) -> tuple[subproc
 
 @pytest.mark.slow
 def test_three_times_capacity_is_shed_with_retry_after_and_the_server_recovers(
-    heavy_server: tuple[LocalTarget, Endpoint], tmp_path: Path
+    heavy_server: tuple[LocalTarget, Endpoint], tmp_path: Path, figures: Callable[[str, object], None]
 ) -> None:
     deployment, endpoint = heavy_server
     server = psutil.Process(deployment.process(endpoint).pid)  # type: ignore[attr-defined]
@@ -315,6 +315,13 @@ def test_three_times_capacity_is_shed_with_retry_after_and_the_server_recovers(
         f"1.5x {recovery}"
     )
 
+    figures("overload: capacity / offered (req/s)", f"{capacity:.1f} / {rate:.1f} for {OVERLOAD_S:.0f} s")
+    figures(
+        "overload: answered / shed 503 / other", f"{int(ok.sum())} / {int(shed.sum())} / {int(other.sum())}"
+    )
+    figures("overload: answered p99 / max_latency_ms", f"{p99_ok:.0f} / {MAX_LATENCY_MS} ms")
+    figures("overload: RSS growth", f"+{(rss_peak - rss_before) / mib:.1f} MiB")
+    figures("overload: p50 back within 1.5x after", recovery.removesuffix(" after the load dropped"))
     assert deployment.process(endpoint).poll() is None and ready == 200  # type: ignore[attr-defined]
     assert not other.any(), other_errors
     # Shed, not queued: a third of the offered load can be served, so most of the rest is refused...
