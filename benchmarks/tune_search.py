@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 GOAL_COST_RATIO, GOAL_TRIAL_SHARE = 1.10, 1 / 3
-OPTIMIZERS = "onnx-export,openvino-fp32,ort-int8-static"
+OPTIMIZERS = ("onnx-export", "openvino-fp32", "ort-int8-static")
 
 
 def cli(*args: object, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -68,8 +68,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tune-search.") as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        print(f"building efficientnet-lite0 variants ({OPTIMIZERS}) in {work / 'w'} ...", flush=True)
-        cli("optimize", "--workdir", work / "w", "-o", OPTIMIZERS, "--eval-samples", 256, cwd=work)
+        print(
+            f"building efficientnet-lite0 variants ({', '.join(OPTIMIZERS)}) in {work / 'w'} ...", flush=True
+        )
+        chosen = [arg for name in OPTIMIZERS for arg in ("-o", name)]
+        cli("optimize", "--workdir", work / "w", *chosen, "--eval-samples", 256, cwd=work)
         config = work / "tune.yaml"
         config.write_text(
             yaml.safe_dump(
@@ -79,10 +82,14 @@ def main() -> int:
                     "tune": {
                         "duration_s": args.duration,
                         "warmup_s": 1.0,
-                        "steps": 3,
-                        "min_rate": 20.0,
+                        "steps": 5,
+                        "min_rate": 40.0,
                         "max_rate": 1000.0,
-                        "space": {"max_batch_size": [2, 4, 8], "max_latency_ms": [100, 1000]},
+                        "space": {
+                            "runtimes": ["onnxruntime", "openvino"],
+                            "max_batch_size": [2, 4, 8],
+                            "max_latency_ms": [100, 1000],
+                        },
                     },
                 }
             )

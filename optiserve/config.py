@@ -174,7 +174,8 @@ class TuneConfig(Strict):
     duration_s: float = Field(default=4.0, gt=0)
     warmup_s: float = Field(default=1.0, ge=0)
     remeasure: int = Field(default=1, ge=0, le=3)
-    """Times a trial whose best level was unstable is measured again before it is marked noisy."""
+    """Times a trial whose verdicts contradict each other (a higher rate passed where a lower one failed)
+    is measured again before it is marked noisy."""
     study: str | None = None
     """The Optuna study's name in ``<workdir>/tune/studies.db`` (default: derived from the search)."""
 

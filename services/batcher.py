@@ -142,6 +142,8 @@ class Batcher:
         self.enabled = enabled
         self.max_batch_size = max_batch_size
         self.max_latency_ms = max_latency_ms
+        self.shedding = True
+        """Off while the service warms up: its own burst of warm-up requests is never refused."""
         self.pad_value = pad_value
         self.metrics = metrics
         self.model = BatchTimeModel()
@@ -292,6 +294,8 @@ class Batcher:
         return job
 
     def _shed_late(self) -> None:
+        if not self.shedding:
+            return
         now = time.perf_counter()
         deadline = self.max_latency_ms / 1000
         while len(self._queue) > 1:

@@ -111,11 +111,17 @@ class ServingCore:
         import numpy as np
 
         sample = np.zeros((1, *self.input.sample_shape), dtype=self.input.dtype)
-        for _ in range(WARMUP_SEQUENTIAL):
-            await self.batcher(sample)
-        if self.batcher.enabled:
-            await self.batcher.calibrate(sample)
-        await asyncio.gather(*(self.batcher(sample) for _ in range(WARMUP_BURST)))
+        # A model slower than max_latency_ms allows for the burst would otherwise shed its own warm-up
+        # requests and never start (efficientnet-lite0 on torch-eager with max_latency_ms 100).
+        self.batcher.shedding = False
+        try:
+            for _ in range(WARMUP_SEQUENTIAL):
+                await self.batcher(sample)
+            if self.batcher.enabled:
+                await self.batcher.calibrate(sample)
+            await asyncio.gather(*(self.batcher(sample) for _ in range(WARMUP_BURST)))
+        finally:
+            self.batcher.shedding = True
         self.batcher.fit_latency_model()
         seconds = _since_process_start()
         self.metrics.loaded(seconds)

@@ -3,6 +3,7 @@ a real `bentoml serve` process for the ONNX variant, and helpers to run the CLI 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from optiserve.manifest import variant_dir
 from optiserve.models.resolve import resolve_model
 from optiserve.optimizers.base import Optimizer
 from optiserve.optimizers.source import materialize_source
+from optiserve.procs import free_port, spawn, stop_group
 from optiserve.types import Endpoint, ServiceSpec, Variant
 from tests.tiny_models import N_IN, mlp
 
@@ -235,6 +237,56 @@ def mlp_endpoint(onnx_source: Variant, variants_workdir: Path) -> Iterator[Endpo
     """A real `bentoml serve` process for the ONNX MLP on onnxruntime, for the whole session."""
     with LocalTarget(variants_workdir, ready_timeout_s=120) as deployment:
         yield deployment.start(service_spec(onnx_source, variants_workdir, "onnxruntime"))
+
+
+@contextlib.contextmanager
+def null_server(
+    variant: Variant,
+    workdir: Path,
+    log: Path,
+    *,
+    cpus: frozenset[int] | None,
+    stall: tuple[float, float] | None = None,
+) -> Iterator[Endpoint]:
+    """optiserve.loadtests.null_server (answers at once, or stalls as asked) posing as ``variant`` served:
+    what the load generator's own limits are measured against."""
+    port = free_port()
+    args = [sys.executable, "-m", "optiserve.loadtests.null_server", str(port)]
+    if stall:
+        args += [str(stall[0]), str(stall[1])]
+    proc = spawn(args, log=log, cpus=cpus)
+    deadline = time.monotonic() + 10
+    while b"ready" not in (log.read_bytes() if log.exists() else b"") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    spec = service_spec(variant, workdir, "onnxruntime").model_copy(update={"port": port})
+    try:
+        yield Endpoint(service=spec, url=f"http://127.0.0.1:{port}")
+    finally:
+        stop_group(proc, grace_s=2)
+
+
+@contextlib.contextmanager
+def serve_cli(*args: object, cwd: Path) -> Iterator[list[str]]:
+    """`optiserve serve ARGS` running, once its table says every server is up (yields what it printed
+    until then); stopped after."""
+    proc = subprocess.Popen(
+        cli_command("serve", *args),
+        cwd=cwd,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        printed = []
+        for line in proc.stdout:  # type: ignore[union-attr]
+            printed.append(line)
+            if "intra-op" in line:  # the table: every server is up
+                break
+        yield printed
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
 
 
 # --- reliability figures ----------------------------------------------------------------------------------

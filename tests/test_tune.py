@@ -217,3 +217,45 @@ def test_deploy_values_that_are_not_chart_values_is_one_line(tmp_path: Path) -> 
     assert done.returncode == 2, done.stderr
     (line,) = error_lines(done.stderr)
     assert "expected chart values with a non-empty `variants:` list" in line
+
+
+@pytest.mark.slow
+def test_a_configuration_whose_server_fails_is_recorded_and_the_search_goes_on(
+    onnx_source: Variant, variants_workdir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from optiserve.cost import load_prices
+
+    work = tmp_path / "w"
+    shutil.copytree(variants_workdir / "variants" / onnx_source.id, work / "variants" / onnx_source.id)
+    model = work / "variants" / onnx_source.id / onnx_source.artifacts["model"].path
+    model.write_bytes(model.read_bytes()[:-8] + b"tampered")  # the server refuses it by checksum
+    config = config_for(work)
+    p = plan_for(onnx_source, work, config)
+    candidate = build_space(config, p, server_cpus=1).all()[0]
+    trial = run_trial(
+        config,
+        p,
+        candidate,
+        tmp_path / "trial",
+        prices=load_prices(None),
+        instance="c6i.large",
+        incumbent_rps=None,
+        evaluation=None,
+    )
+    assert not trial.feasible and trial.missed is not None and trial.missed.startswith("failed: ")
+    assert "checksum" in trial.missed or "sha256" in trial.missed, trial.missed
+
+
+def test_a_search_whose_verdicts_contradict_each_other_is_noisy() -> None:
+    from optiserve.tune.trial import contradicts_itself
+    from tests.test_cost import bench_result
+
+    def level(rate: float, p99: float) -> object:
+        return bench_result("m.x", users=8, rps=rate, p99=p99, load_model="open")
+
+    monotone = [level(40, 10), level(80, 20), level(160, 70), level(113, 45)]
+    assert not contradicts_itself(monotone, 50.0)  # type: ignore[arg-type]
+    flipped = [level(40, 10), level(80, 60), level(160, 30)]  # 160 passed although 80 failed
+    assert contradicts_itself(flipped, 50.0)  # type: ignore[arg-type]

@@ -5,8 +5,8 @@ highest open-loop rate whose p99 meets the SLO with no errors and a generator th
 Pruning: a candidate of a deployment (variant × runtime) that already has a measured capacity starts
 its search at 90% of that capacity. If it misses the SLO there it cannot be cheaper than its own
 deployment's incumbent (same accuracy, same price, less throughput), so it stops after that first level.
-A trial whose best level was unstable is measured again (``tune.remeasure`` times) before it is marked
-noisy; a noisy trial is shown but never recommended.
+A trial whose verdicts contradict each other (a higher rate passed where a lower one failed) is measured
+again (``tune.remeasure`` times) before it is marked noisy; a noisy trial is shown but never recommended.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from optiserve.config import ExperimentConfig, with_overrides
+from optiserve.errors import LoadTestError, ServingError
 from optiserve.progress import Steps
 
 if TYPE_CHECKING:
@@ -113,12 +114,16 @@ def run_trial(
     evaluation: Evaluation | None,
     on_level: Callable[[BenchResult], None] | None = None,
 ) -> TrialOutcome:
-    """Serve and measure ``candidate`` (again while its best level is unstable, up to tune.remeasure)."""
-    outcome = _measure_once(config, plan, candidate, trial_dir, prices, instance, incumbent_rps, on_level)
+    """Serve and measure ``candidate`` (again while its verdicts contradict each other, up to
+    tune.remeasure)."""
+
+    def measure(folder: Path) -> TrialOutcome:
+        return _measure_once(config, plan, candidate, folder, prices, instance, incumbent_rps, on_level)
+
+    outcome = measure(trial_dir)
     while outcome.noisy and outcome.attempts <= config.tune.remeasure:
         attempts = outcome.attempts + 1
-        again = trial_dir.with_name(f"{trial_dir.name}-again{attempts - 1}")
-        outcome = _measure_once(config, plan, candidate, again, prices, instance, incumbent_rps, on_level)
+        outcome = measure(trial_dir.with_name(f"{trial_dir.name}-again{attempts - 1}"))
         outcome.attempts = attempts
     if evaluation is not None:
         outcome.accuracy, outcome.accuracy_metric = evaluation.value, evaluation.metric
@@ -163,6 +168,10 @@ def _measure_once(
     except Pruned as e:
         outcome.pruned = e.reason
         results = seen
+    except (ServingError, LoadTestError) as e:  # this configuration failed; the search goes on
+        outcome.levels = len(seen)
+        outcome.missed, outcome.miss_ratio = f"failed: {summary(e.one_line())[:400]}", math.inf
+        return outcome
     outcome.levels = len(results)
     outcome.flags = sorted({f for r in results for f in r.integrity.flags})
     # Passing as the SLO search judges it: also no generator saturation and no late sends.
@@ -181,8 +190,23 @@ def _measure_once(
     outcome.p99_ms = best.latency_ms.p99 if best.latency_ms else None
     outcome.usd_per_million = cost.usd_per_million
     outcome.replicas = cost.replicas
-    outcome.noisy = best.integrity.stable is False
+    outcome.noisy = contradicts_itself(results, slo)
     return outcome
+
+
+def contradicts_itself(results: list[BenchResult], slo_ms: float) -> bool:
+    """Whether a higher rate passed where a lower one failed: the verdicts near the capacity are then
+    noise, and the capacity found cannot be trusted. (A level's own "unstable" flag is not used: at the
+    few seconds a search level lasts, a p99 over each third of an open-loop level always varies.)"""
+    from optiserve.loadtests.scenarios.slo_search import meets_slo
+
+    verdicts = sorted(((r.load.rate_rps or 0.0), meets_slo(r, slo_ms)) for r in results)
+    failed_below = False
+    for _, passed in verdicts:
+        if passed and failed_below:
+            return True
+        failed_below = failed_below or not passed
+    return False
 
 
 def why_missed(level: BenchResult, slo_ms: float) -> tuple[str, float]:
@@ -197,3 +221,12 @@ def why_missed(level: BenchResult, slo_ms: float) -> tuple[str, float]:
         return f"p99 {p99:.1f} ms at {rate}: {p99 - slo_ms:+.1f} ms over the {slo_ms:g} ms SLO", p99 / slo_ms
     untrusted = "; ".join(level.integrity.flags) or "not trusted"
     return f"p99 {p99:.1f} ms at {rate} but the measurement is not trusted ({untrusted})", 1.0
+
+
+def summary(message: str) -> str:
+    """A failure's first line, and, when it quotes a log, the exception the log ends with."""
+    import re
+
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    raised = [line for line in lines[1:] if re.match(r"^[\w.]*(Error|Exception)\b:", line)]
+    return f"{lines[0]} … {raised[-1]}" if raised else (lines[0] if lines else message)

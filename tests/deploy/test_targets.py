@@ -66,9 +66,8 @@ def test_docker_target_without_an_engine_is_one_line_exit_5(mlp_onnx: Path, tmp_
 def test_serve_pins_servers_to_serving_cpus_with_serving_threads(mlp_onnx: Path, tmp_path: Path) -> None:
     """`serve` honours serving.cpus and serving.threads as `run` does (it used to ignore the CPUs)."""
     import json
-    import subprocess
 
-    from tests.conftest import cli_command, cli_env, processes_mentioning
+    from tests.conftest import processes_mentioning, serve_cli
 
     work = tmp_path / "w"
     assert run_cli("optimize", "-m", mlp_onnx, "-w", work, "--no-eval", cwd=tmp_path).returncode == 0
@@ -77,19 +76,7 @@ def test_serve_pins_servers_to_serving_cpus_with_serving_threads(mlp_onnx: Path,
         f"model: {{ref: {mlp_onnx}}}\nworkdir: {work}\n"
         "serving:\n  runtimes: [onnxruntime]\n  cpus: [0]\n  threads: {intra_op: 2}\n"
     )
-    proc = subprocess.Popen(
-        cli_command("serve", config, "--for", "60"),
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        printed = []
-        for line in proc.stdout:  # type: ignore[union-attr]
-            printed.append(line)
-            if "intra-op" in line:  # the table: every server is up
-                break
+    with serve_cli(config, "--for", "60", cwd=tmp_path) as printed:
         assert any("2 intra-op" in line for line in printed), "".join(printed)
         servers = [p for p in processes_mentioning(str(work)) if "bentoml" in " ".join(p.cmdline())]
         assert servers, "".join(printed)
@@ -97,9 +84,6 @@ def test_serve_pins_servers_to_serving_cpus_with_serving_threads(mlp_onnx: Path,
             assert server.cpu_affinity() == [0]
             spec = json.loads((Path(server.cwd()) / "service.json").read_text())
             assert spec["threads"]["intra_op"] == 2
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=60)
 
 
 def test_serve_refuses_cpus_this_machine_lacks(mlp_onnx: Path, tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,9 +14,9 @@ import pytest
 
 from optiserve.loadtests.runner import GENERATOR_CPU_LIMIT, run_level, watch_generator, write_payloads
 from optiserve.loadtests.scenarios.closed_loop import ClosedLoop, ClosedLoopConfig
-from optiserve.procs import free_port, spawn, stop_group
+from optiserve.procs import spawn, stop_group
 from optiserve.types import Endpoint, Variant
-from tests.conftest import random_inputs, service_spec
+from tests.conftest import null_server, random_inputs
 
 pytestmark = [
     pytest.mark.slow,
@@ -95,17 +94,8 @@ def null_endpoint(
     tmp_path: Path, onnx_source: Variant, variants_workdir: Path, cpus: tuple[frozenset[int], frozenset[int]]
 ) -> Iterator[Endpoint]:
     """The null server (answers at once, so the generator is the bottleneck) posing as a served variant."""
-    port = free_port()
-    log = tmp_path / "null.log"
-    proc = spawn([sys.executable, "-m", "optiserve.loadtests.null_server", str(port)], log=log, cpus=cpus[1])
-    deadline = time.monotonic() + 10
-    while b"ready" not in (log.read_bytes() if log.exists() else b"") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    spec = service_spec(onnx_source, variants_workdir, "onnxruntime").model_copy(update={"port": port})
-    try:
-        yield Endpoint(service=spec, url=f"http://127.0.0.1:{port}")
-    finally:
-        stop_group(proc, grace_s=2)
+    with null_server(onnx_source, variants_workdir, tmp_path / "null.log", cpus=cpus[1]) as endpoint:
+        yield endpoint
 
 
 def test_locust_workers_saturating_their_cpu_are_flagged(

@@ -3,6 +3,7 @@ stall, and Locust for the closed loop)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from optiserve.loadtests.runner import run_level, write_payloads
 from optiserve.loadtests.stats import measured_window, read_samples
 from optiserve.procs import free_port, spawn, stop_group
 from optiserve.types import Endpoint, LoadSpec, Variant
-from tests.conftest import random_inputs, service_spec
+from tests.conftest import null_server, random_inputs
 
 
 def test_constant_schedule_is_evenly_spaced() -> None:
@@ -45,22 +46,10 @@ def null_endpoint(
 ) -> Iterator[Endpoint]:
     """A null server (optionally stalling) posing as a served variant."""
     stall = getattr(request, "param", None)
-    port = free_port()
+    cpus = frozenset({1}) if len(os.sched_getaffinity(0)) > 1 else None
     log = tmp_path / "null.log"
-    args = [sys.executable, "-m", "optiserve.loadtests.null_server", str(port)]
-    if stall:
-        args += [str(stall[0]), str(stall[1])]
-    proc = spawn(
-        args, log=log, cpus=frozenset({1}) if len(__import__("os").sched_getaffinity(0)) > 1 else None
-    )
-    deadline = time.monotonic() + 10
-    while b"ready" not in (log.read_bytes() if log.exists() else b"") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    spec = service_spec(onnx_source, variants_workdir, "onnxruntime").model_copy(update={"port": port})
-    try:
-        yield Endpoint(service=spec, url=f"http://127.0.0.1:{port}")
-    finally:
-        stop_group(proc, grace_s=2)
+    with null_server(onnx_source, variants_workdir, log, cpus=cpus, stall=stall) as endpoint:
+        yield endpoint
 
 
 def open_level(rate: float, duration_s: float, warmup_s: float = 1.0) -> LoadSpec:

@@ -332,3 +332,17 @@ def test_three_times_capacity_is_shed_with_retry_after_and_the_server_recovers(
     assert all(r is not None and r.isdigit() and int(r) >= 1 for r in retry_afters), retry_afters
     assert rss_peak - rss_before < 100 * mib
     assert recovered_after is not None and recovered_after < RECOVERY_S
+
+
+@pytest.mark.slow
+def test_a_deadline_shorter_than_one_inference_does_not_shed_the_warm_up(tmp_path: Path) -> None:
+    """The warm-up's burst of concurrent requests must never be shed, or the server could not start
+    whenever max_latency_ms is below what the burst takes (`tune` searches such deadlines)."""
+    variant = materialize_source(resolve_model(str(write_heavy_onnx(tmp_path / "heavy.onnx"))), tmp_path)
+    spec = service_spec(variant, tmp_path, "onnxruntime").model_copy(
+        update={"batching": BatchingSpec(max_batch_size=2, max_latency_ms=2)}
+    )
+    with LocalTarget(tmp_path, ready_timeout_s=120) as deployment:
+        endpoint = deployment.start(spec, cpus=SERVER_CPUS)
+        _, response = Client(endpoint).infer()
+    assert response.status_code == 200, response.text

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -29,10 +28,9 @@ from optiserve.services.core import ServingCore
 from optiserve.services.runtimes.base import Runtime
 from optiserve.types import Endpoint, ServingLimits, Variant
 from tests.conftest import (
-    cli_command,
-    cli_env,
     processes_mentioning,
     random_inputs,
+    serve_cli,
     service_needles,
     service_spec,
     torch_reference,
@@ -317,23 +315,9 @@ def test_optiserve_serve_listens_on_loopback_only(mlp_onnx: Path, tmp_path: Path
     work = tmp_path / "w"
     materialize_source(resolve_model(str(mlp_onnx)), work)
     port = free_port()
-    proc = subprocess.Popen(
-        cli_command("serve", "-m", mlp_onnx, "-w", work, "-r", "onnxruntime", "--port", port, "--for", "120"),
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        printed = []
-        for line in proc.stdout:  # type: ignore[union-attr]
-            printed.append(line)
-            if "intra-op" in line:  # the table: the server is up
-                break
+    with serve_cli(
+        "-m", mlp_onnx, "-w", work, "-r", "onnxruntime", "--port", port, "--for", "120", cwd=tmp_path
+    ):
         spec = json.loads(next((work / "services").glob("*/service.json")).read_text())
         assert spec["host"] == "127.0.0.1"
         assert_loopback_only(port, server_processes(work, port))
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=60)
