@@ -28,7 +28,9 @@ def test_constant_schedule_is_evenly_spaced() -> None:
 
 def test_poisson_schedule_has_the_mean_rate_and_exponential_gaps() -> None:
     t = send_times([(200.0, 50.0)], "poisson", seed=3)
-    assert abs(len(t) / 200.0 - 50.0) < 2.0
+    assert len(t) == 10_000  # the rate asked for, exactly: only the spacing is random
+    short = [len(send_times([(4.0, rate)], "poisson")) for rate in (40.0, 80.0, 113.14)]
+    assert short == [160, 320, 453]  # a short search level offers its nominal rate too
     gaps = np.diff(t)
     assert abs(gaps.std() / gaps.mean() - 1.0) < 0.05  # exponential: CV = 1 (constant spacing: 0)
     assert t.max() < 200.0
