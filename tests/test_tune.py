@@ -259,3 +259,19 @@ def test_a_search_whose_verdicts_contradict_each_other_is_noisy() -> None:
     assert not contradicts_itself(monotone, 50.0)  # type: ignore[arg-type]
     flipped = [level(40, 10), level(80, 60), level(160, 30)]  # 160 passed although 80 failed
     assert contradicts_itself(flipped, 50.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_the_cli_refuses_a_contradictory_space_with_one_line_and_exit_2(
+    mlp_onnx: Path, tuned: tuple[object, Path, Path]
+) -> None:
+    _, workdir, tmp = tuned
+    config = tmp / "bad.yaml"
+    space = {"intra_op_threads": [512]}
+    config.write_text(
+        yaml.safe_dump({"model": {"ref": str(mlp_onnx)}, "workdir": str(workdir), "tune": {"space": space}})
+    )
+    done = run_cli("tune", config, cwd=tmp)
+    assert done.returncode == 2, done.stdout + done.stderr
+    (line,) = error_lines(done.stderr)
+    assert line.startswith("error: tune.space.intra_op_threads: 512 threads"), line
