@@ -36,6 +36,26 @@ def plan_for(onnx_source: Variant, workdir: Path, config: ExperimentConfig) -> p
     return pipeline.plan(config, onnx_source.model, [onnx_source], {})
 
 
+def first_trial(
+    config: ExperimentConfig, source: Variant, workdir: Path, folder: Path, *, incumbent_rps: float | None
+) -> TrialOutcome:
+    """The space's first candidate, measured as a study would measure it."""
+    from optiserve.cost import load_prices
+
+    p = plan_for(source, workdir, config)
+    candidate = build_space(config, p, server_cpus=1).all()[0]
+    return run_trial(
+        config,
+        p,
+        candidate,
+        folder,
+        prices=load_prices(None),
+        instance="c6i.large",
+        incumbent_rps=incumbent_rps,
+        evaluation=None,
+    )
+
+
 def config_for(workdir: Path, **tune: object) -> ExperimentConfig:
     return with_overrides(ExperimentConfig(), {"workdir": str(workdir), "tune": {**TUNE, **tune}})
 
@@ -164,23 +184,10 @@ def test_an_slo_nothing_meets_lists_the_closest_and_exits_9(mlp_onnx: Path, tmp_
 def test_a_trial_that_cannot_beat_its_deployment_s_best_is_pruned_on_its_first_level(
     onnx_source: Variant, variants_workdir: Path, tmp_path: Path
 ) -> None:
-    from optiserve.cost import load_prices
-
     # An SLO no HTTP request meets here, and an incumbent at a rate the server handles easily: the
     # first level (at 90% of the incumbent's capacity) misses, so nothing after it may run.
     config = with_overrides(config_for(variants_workdir), {"load.slo_ms": 0.05})
-    p = plan_for(onnx_source, variants_workdir, config)
-    candidate = build_space(config, p, server_cpus=1).all()[0]
-    outcome = run_trial(
-        config,
-        p,
-        candidate,
-        tmp_path / "trial",
-        prices=load_prices(None),
-        instance="c6i.large",
-        incumbent_rps=100.0,
-        evaluation=None,
-    )
+    outcome = first_trial(config, onnx_source, variants_workdir, tmp_path / "trial", incumbent_rps=100.0)
     assert outcome.pruned is not None and "cannot be cheaper" in outcome.pruned
     assert outcome.levels == 1 and not outcome.feasible
     assert len(list((tmp_path / "trial" / "bench").glob("*.json"))) == 1
@@ -225,25 +232,11 @@ def test_a_configuration_whose_server_fails_is_recorded_and_the_search_goes_on(
 ) -> None:
     import shutil
 
-    from optiserve.cost import load_prices
-
     work = tmp_path / "w"
     shutil.copytree(variants_workdir / "variants" / onnx_source.id, work / "variants" / onnx_source.id)
     model = work / "variants" / onnx_source.id / onnx_source.artifacts["model"].path
     model.write_bytes(model.read_bytes()[:-8] + b"tampered")  # the server refuses it by checksum
-    config = config_for(work)
-    p = plan_for(onnx_source, work, config)
-    candidate = build_space(config, p, server_cpus=1).all()[0]
-    trial = run_trial(
-        config,
-        p,
-        candidate,
-        tmp_path / "trial",
-        prices=load_prices(None),
-        instance="c6i.large",
-        incumbent_rps=None,
-        evaluation=None,
-    )
+    trial = first_trial(config_for(work), onnx_source, work, tmp_path / "trial", incumbent_rps=None)
     assert not trial.feasible and trial.missed is not None and trial.missed.startswith("failed: ")
     assert "checksum" in trial.missed or "sha256" in trial.missed, trial.missed
 
