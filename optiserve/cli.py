@@ -532,6 +532,7 @@ def tune(
 
     Example: [bold]optiserve tune --model efficientnet-lite0 --slo 50 --strategy bayesian --trials 8[/]
     """
+    from optiserve import pipeline
     from optiserve.config import cpu_split
     from optiserve.cost import load_prices
     from optiserve.errors import SloNotMet
@@ -552,13 +553,11 @@ def tune(
     }
     cfg = with_overrides(cfg, overrides) if overrides else cfg
     prices = load_prices(cfg.cost.prices)
-    p = _existing_plan(cfg, list(cfg.tune.space.variants) if cfg.tune.space.variants else None)
+    p = _existing_plan(cfg, None)  # build_space narrows it to tune.space, naming that key when it can't
     server_cpus, _ = cpu_split(sorted(os.sched_getaffinity(0)), cfg.serving.cpus, cfg.load.generator_cpus)
     space = build_space(cfg, p, len(server_cpus) if server_cpus else os.cpu_count() or 1)
     instance = cfg.cost.instance or prices.default_instance()
     prices.get(instance)  # an unknown instance fails here, not after the search
-    from optiserve import pipeline
-
     stored = pipeline.stored_evaluations(cfg, p.variants)
     out_dir = pipeline.new_run_dir(cfg.workdir, suffix="-tune")
     steps = Steps()
@@ -570,7 +569,7 @@ def tune(
     out.print(written["md"].read_text().split("\n", 2)[2])
     best = recommended(study.outcomes)
     if best is None:
-        lines = closest(study.outcomes, cfg.load.slo_ms)
+        lines = closest(study.outcomes)
         raise SloNotMet(
             f"no configuration of the {len(study.outcomes)} measured met p99 <= {cfg.load.slo_ms:g} ms"
             + (f"; closest: {lines[0]}" if lines else ""),
@@ -620,7 +619,7 @@ def compare(
         rates=rate,
         target=target,
     )
-    p = _existing_plan(cfg, None)
+    p = _existing_plan(with_overrides(cfg, {"serving.variants": None}), None)  # A and B name theirs
     variants = {v.id: v for v in p.variants}
     sides = []
     for ref in (a, b):
@@ -788,6 +787,19 @@ def deploy(
 
     cfg = _config(config, model=model, workdir=workdir, runtimes=runtime, input_shape=input_shape)
     if values_file is not None:
+        ignored = [
+            f
+            for f, given in (
+                ("--variant", variant),
+                ("--weights", weights),
+                ("--image-repository", image_repository),
+            )
+            if given
+        ]
+        if ignored:
+            raise ConfigError(
+                f"--values installs the chart values as they are; drop {', '.join(ignored)} (or --values)"
+            )
         values = k8s.read_values(values_file)
     else:
         p = _existing_plan(cfg, variant)
@@ -870,6 +882,7 @@ def _existing_plan(cfg: ExperimentConfig, variant_ids: list[str] | None) -> Any:
     spec = pipeline.resolve(cfg)
     _check_plugins(cfg)
     variants = [v for v in pipeline.known_variants(cfg.workdir).values() if v.model.name == spec.name]
+    variant_ids = variant_ids or (list(cfg.serving.variants) if cfg.serving.variants else None)
     if variant_ids:
         unknown = sorted(set(variant_ids) - {v.id for v in variants})
         if unknown:

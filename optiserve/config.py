@@ -43,6 +43,9 @@ class OptimizerEntry(Strict):
 class ServingConfig(Strict):
     runtimes: tuple[str, ...] | None = None
     """Runtimes to serve with; default: every available runtime that accepts each variant's format."""
+    variants: tuple[str, ...] | None = Field(default=None, min_length=1)
+    """Variant ids that `serve`, `bench`, `build` and `deploy` take when ``--variant`` is not given
+    (`tune`'s recommendation names one); default: every variant of the model in the workdir."""
     target: str = "local"
     """Where variants are served: ``local`` (processes), ``docker`` (their images, run as the chart's
     pods) or ``kubernetes``; see optiserve.deploy.targets. ``url``: a running server (``serving.url``)."""

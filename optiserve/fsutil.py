@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from optiserve.errors import DiskFull
+from optiserve.errors import DiskFull, Interrupted
 
 DISK_FULL_BYTES = 256 * 1024
 """Free space below which a failed write is blamed on a full disk. Some writers (ONNX Runtime's model
@@ -69,7 +69,7 @@ def staging_dir(final: Path) -> Iterator[Path]:
 def disk_full(where: Path, error: BaseException, writing: str) -> DiskFull | None:
     """A DiskFull naming the filesystem when ``error`` (or what caused it) is ENOSPC, or when the
     filesystem holding ``where`` is all but full; else None."""
-    if isinstance(error, DiskFull | KeyboardInterrupt):
+    if isinstance(error, DiskFull | Interrupted | KeyboardInterrupt):  # stopping is never a full disk
         return None
     seen: BaseException | None = error
     enospc = False

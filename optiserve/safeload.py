@@ -19,6 +19,7 @@ locations from the model's protobuf read with ``load_external_data=False`` (no t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING
@@ -57,25 +58,20 @@ def onnx_external_data(model: Path, root: Path) -> list[Path]:
 
     Locations are relative to the model's own folder, as runtimes read them. Only the protobuf's
     metadata is read (``load_external_data=False``)."""
-    try:
-        import onnx
-    except ImportError as e:
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:
         raise PluginUnavailable(
             f"checking where {model.name} keeps its weights needs the onnx package",
             hint="pip install 'optiserve[onnx]'",
-        ) from e
-
+        )
     try:
-        proto = onnx.load(str(model), load_external_data=False)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ArtifactError(f"{model} is not a readable ONNX model: {first[:200]}") from e
+        stat = model.stat()
+    except OSError as e:
+        raise ArtifactError(f"{model} is not a readable ONNX model: {e.strerror}") from e
     files: dict[Path, None] = {}
-    for tensor in _tensors(proto):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        what = f"{model.name}: the external data of tensor {tensor.name!r}"
+    for name, location in _external_locations(str(model), stat.st_mtime_ns, stat.st_size):
+        what = f"{model.name}: the external data of tensor {name!r}"
         if not location:
             raise ArtifactError(f"{what} has no location; re-export the model with its data saved beside it")
         path = confined(root, location, what, base=model.parent)
@@ -85,6 +81,26 @@ def onnx_external_data(model: Path, root: Path) -> list[Path]:
             )
         files[path] = None
     return list(files)
+
+
+@functools.lru_cache(maxsize=8)
+def _external_locations(model: str, mtime_ns: int, size: int) -> tuple[tuple[str, str], ...]:
+    """(tensor name, location) of every tensor stored outside ``model``. Parsing a large model takes
+    seconds and its size in memory, and both the service and its runtime check the same file at start-up:
+    the file's modification time and size in the key make the second check free, and a changed file is
+    read again."""
+    import onnx
+
+    try:
+        proto = onnx.load(model, load_external_data=False)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"{model} is not a readable ONNX model: {first[:200]}") from e
+    return tuple(
+        (tensor.name, next((e.value for e in tensor.external_data if e.key == "location"), ""))
+        for tensor in _tensors(proto)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+    )
 
 
 def check_artifacts(variant: Variant, variant_dir: Path, max_gib: float) -> dict[Path, int]:

@@ -135,6 +135,16 @@ def test_a_grid_search_measures_every_configuration_and_recommends_one(
     chosen = load_config(out / "recommended.yaml")
     assert chosen.serving.batching.max_batch_size == best["params"]["max_batch_size"]
     assert chosen.serving.runtimes == ("onnxruntime",) and chosen.load.slo_ms == 250
+    assert chosen.serving.variants == (best["params"]["deployment"].split("@")[0],)
+    # ... which the other commands take alone: deploy renders that one variant with those settings
+    as_config = run_cli("deploy", out / "recommended.yaml", "--render", tmp / "from-config", cwd=tmp)
+    assert as_config.returncode == 0, as_config.stderr
+    deployments = [
+        d
+        for p in (tmp / "from-config").glob("*.yaml")
+        if (d := yaml.safe_load(p.read_text()))["kind"] == "Deployment"
+    ]
+    assert len(deployments) == 1, [d["metadata"]["name"] for d in deployments]
     # ... and its Helm values are what `optiserve deploy --values` installs (rendered here: no cluster)
     values = yaml.safe_load((out / "recommended-values.yaml").read_text())
     assert values["variants"][0]["replicas"] == 1
@@ -211,7 +221,7 @@ def test_the_recommendation_is_the_cheapest_trusted_trial_and_the_front_keeps_tr
     trials = [cheap, fast, worse, noisy, missed, pruned]
     assert recommended(trials) is cheap  # the noisy one is cheaper but not trusted
     assert pareto(trials) == [True, True, False, False, False, False]
-    assert closest(trials, 50.0) == ["missed: p99 80.0 ms at 5 req/s: +30.0 ms over"]
+    assert closest(trials) == ["missed: p99 80.0 ms at 5 req/s: +30.0 ms over"]
     assert recommended([missed, pruned]) is None
 
 
@@ -224,6 +234,8 @@ def test_deploy_values_that_are_not_chart_values_is_one_line(tmp_path: Path) -> 
     assert done.returncode == 2, done.stderr
     (line,) = error_lines(done.stderr)
     assert "expected chart values with a non-empty `variants:` list" in line
+    both = run_cli("deploy", "--values", bad, "--weights", "a=100", "--render", tmp_path / "m", cwd=tmp_path)
+    assert both.returncode == 2 and "drop --weights" in error_lines(both.stderr)[0], both.stderr
 
 
 @pytest.mark.slow
@@ -268,3 +280,19 @@ def test_the_cli_refuses_a_contradictory_space_with_one_line_and_exit_2(
     assert done.returncode == 2, done.stdout + done.stderr
     (line,) = error_lines(done.stderr)
     assert line.startswith("error: tune.space.intra_op_threads: 512 threads"), line
+
+
+@pytest.mark.slow
+def test_the_cli_names_tune_space_variants_for_an_unknown_variant(
+    mlp_onnx: Path, tuned: tuple[object, Path, Path]
+) -> None:
+    _, workdir, tmp = tuned
+    config = tmp / "unknown.yaml"
+    tune = {"space": {"variants": ["mlp.onnx.nope"]}}
+    config.write_text(
+        yaml.safe_dump({"model": {"ref": str(mlp_onnx)}, "workdir": str(workdir), "tune": tune})
+    )
+    done = run_cli("tune", config, cwd=tmp)
+    assert done.returncode == 2, done.stdout + done.stderr
+    (line,) = error_lines(done.stderr)
+    assert line.startswith("error: tune.space.variants: unknown variant 'mlp.onnx.nope'"), line

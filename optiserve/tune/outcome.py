@@ -15,7 +15,7 @@ import json
 import math
 from html import escape
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from optiserve.cost import format_usd
 from optiserve.fsutil import atomic_write_text
@@ -54,7 +54,7 @@ def recommended(outcomes: list[TrialOutcome]) -> TrialOutcome | None:
     return min(trusted, key=lambda o: (o.usd_per_million, o.p99_ms or math.inf), default=None)
 
 
-def closest(outcomes: list[TrialOutcome], slo_ms: float) -> list[str]:
+def closest(outcomes: list[TrialOutcome]) -> list[str]:
     """One line per configuration nearest to meeting the SLO, with how far it misses."""
     missed = [o for o in outcomes if not o.feasible and o.pruned is None and o.missed is not None]
     missed.sort(key=lambda o: o.miss_ratio if o.miss_ratio is not None else math.inf)
@@ -99,18 +99,10 @@ def render_markdown(config: ExperimentConfig, study: StudyResult, space: SearchS
     outcomes = study.outcomes
     front = pareto(outcomes)
     best = recommended(outcomes)
-    target = (
-        f"{config.cost.offered_rps:g} req/s offered"
-        if config.cost.offered_rps
-        else "its highest rate within the SLO"
-    )
     lines = [
         f"# optiserve tune: {study.name}",
         "",
-        f"Strategy {study.strategy}; search space {space.describe()}; {len(outcomes)} measured "
-        f"({study.measured_now} this session) of {study.planned} planned. Objective: the lowest cost per 1M "
-        f"inferences with p99 ≤ {config.load.slo_ms:g} ms at {target}, accuracy ≥ the gate "
-        f"({config.eval.gate:g} × FP32).",
+        summary(config, study, space),
         "",
         "| " + " | ".join(HEAD) + " |",
         "|" + "---|" * len(HEAD),
@@ -119,13 +111,31 @@ def render_markdown(config: ExperimentConfig, study: StudyResult, space: SearchS
         range(len(outcomes)), key=lambda i: (not outcomes[i].trusted, outcomes[i].usd_per_million or math.inf)
     )
     lines += ["| " + " | ".join(_row(outcomes[i], front[i], best)) + " |" for i in order]
-    lines.append("")
-    if best is not None:
-        lines.append(f"Recommended: **{best.label}**, {_cost(best)} / 1M, p99 {best.p99_ms:.1f} ms.")
-    else:
-        lines.append(f"No configuration met the {config.load.slo_ms:g} ms SLO. Closest:")
-        lines += [f"- {line}" for line in closest(outcomes, config.load.slo_ms)]
+    lines += ["", verdict(config, best)]
+    if best is None:
+        lines += [f"- {line}" for line in closest(outcomes)]
     return "\n".join(lines) + "\n"
+
+
+def summary(config: ExperimentConfig, study: StudyResult, space: SearchSpace) -> str:
+    """What was searched, how much of it, and for what."""
+    target = (
+        f"{config.cost.offered_rps:g} req/s offered"
+        if config.cost.offered_rps
+        else "its highest rate within the SLO"
+    )
+    return (
+        f"Strategy {study.strategy}; search space {space.describe()}; {len(study.outcomes)} measured "
+        f"({study.measured_now} this session) of {study.planned} planned. Objective: the lowest cost per 1M "
+        f"inferences with p99 ≤ {config.load.slo_ms:g} ms at {target}, accuracy ≥ the gate "
+        f"({config.eval.gate:g} × FP32)."
+    )
+
+
+def verdict(config: ExperimentConfig, best: TrialOutcome | None) -> str:
+    if best is None:
+        return f"No configuration met the {config.load.slo_ms:g} ms SLO. Closest:"
+    return f"Recommended: **{best.label}**, {_cost(best)} / 1M, p99 {best.p99_ms:.1f} ms."
 
 
 def render_html(config: ExperimentConfig, study: StudyResult, space: SearchSpace) -> str:
@@ -168,43 +178,32 @@ def render_html(config: ExperimentConfig, study: StudyResult, space: SearchSpace
         "<tr>" + "".join(f"<td>{escape(c)}</td>" for c in _row(o, front[i], best)) + "</tr>"
         for i, o in enumerate(outcomes)
     )
-    md = render_markdown(config, study, space)
-    summary = escape(md.splitlines()[2])
-    verdict = escape(md.rstrip().splitlines()[-1]) if best else "No configuration met the SLO."
+    said = escape(summary(config, study, space))
+    concluded = escape(verdict(config, best).replace("**", "").removesuffix(" Closest:"))
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>optiserve tune: {escape(study.name)}</title><style>{CSS}</style></head>\n<body>\n"
-        f"<h1>optiserve tune: {escape(study.name)}</h1><p>{summary}</p><p><b>{verdict}</b></p>\n{chart}\n"
+        f"<h1>optiserve tune: {escape(study.name)}</h1><p>{said}</p><p><b>{concluded}</b></p>\n{chart}\n"
         f'<table class="figures"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>\n'
         "</body></html>\n"
     )
 
 
-def recommended_config(config: ExperimentConfig, best: TrialOutcome) -> dict[str, Any]:
-    """The experiment YAML of the recommendation: what differs from the defaults for this model."""
-    space_candidate = best.params
-    chosen = config.model_dump(mode="json", exclude={"tune"})
-    deployment = space_candidate["deployment"]
-    variant_id, _, rest = deployment.partition("@")
-    runtime = rest.split("/")[0]
-    serving = chosen["serving"]
-    serving["runtimes"] = [runtime]
-    serving["batching"]["max_batch_size"] = space_candidate["max_batch_size"]
-    serving["batching"]["max_latency_ms"] = space_candidate["max_latency_ms"]
-    serving["threads"]["intra_op"] = space_candidate["intra_op_threads"]
-    serving["threads"]["streams"] = int(rest.split("streams=")[1]) if "streams=" in rest else 1
-    return {
-        "# recommended by": f"optiserve tune: {best.label} (variant {variant_id})",
-        **{k: chosen[k] for k in ("model", "workdir", "serving", "cost", "kubernetes")},
-        "load": {"slo_ms": config.load.slo_ms},
-    }
+def recommended_config(tuned: ExperimentConfig, best: TrialOutcome) -> str:
+    """The experiment YAML of the recommendation: the experiment's own settings with the winner's serving
+    settings and variant (``serving.variants``), so `serve`, `bench`, `build` and `deploy` take it alone."""
+    import yaml
+
+    chosen = tuned.model_dump(mode="json", exclude={"tune"})
+    kept = {k: chosen[k] for k in ("model", "workdir", "serving", "cost", "kubernetes")}
+    kept["load"] = {"slo_ms": tuned.load.slo_ms}
+    return f"# recommended by optiserve tune: {best.label}\n" + yaml.safe_dump(kept, sort_keys=False)
 
 
 def write_outputs(
     config: ExperimentConfig, study: StudyResult, space: SearchSpace, out_dir: Path
 ) -> dict[str, Path]:
     """tune.json, tune.md, tune.html and, with a recommendation, recommended.yaml and its Helm values."""
-    import yaml
 
     from optiserve import pipeline
     from optiserve.config import with_overrides
@@ -239,12 +238,12 @@ def write_outputs(
     atomic_write_text(written["html"], render_html(config, study, space))
     if best is None:
         return written
-    chosen = recommended_config(config, best)
-    comment = chosen.pop("# recommended by")
-    written["config"] = out_dir / "recommended.yaml"
-    atomic_write_text(written["config"], f"# {comment}\n" + yaml.safe_dump(chosen, sort_keys=False))
     candidate = space.from_params(best.params)
-    tuned = with_overrides(config, candidate.overrides())
+    tuned = with_overrides(
+        config, {**candidate.overrides(), "serving.variants": [candidate.deployment.variant_id]}
+    )
+    written["config"] = out_dir / "recommended.yaml"
+    atomic_write_text(written["config"], recommended_config(tuned, best))
     variant = space.variants[candidate.deployment.variant_id]
     spec = pipeline.service_spec(tuned, variant, candidate.deployment.runtime)
     values = k8s.build_values(

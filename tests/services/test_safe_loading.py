@@ -321,3 +321,22 @@ def test_optiserve_serve_listens_on_loopback_only(mlp_onnx: Path, tmp_path: Path
         spec = json.loads(next((work / "services").glob("*/service.json")).read_text())
         assert spec["host"] == "127.0.0.1"
         assert_loopback_only(port, server_processes(work, port))
+
+
+def test_the_model_is_parsed_once_for_the_service_and_its_runtime_and_again_when_it_changes(
+    onnx_source: Variant, variants_workdir: Path, tmp_path: Path
+) -> None:
+    from optiserve.safeload import _external_locations, onnx_external_data
+
+    folder = copy_variant(onnx_source, variants_workdir, tmp_path)
+    data = externalize(folder)
+    model = folder / "model.onnx"
+    _external_locations.cache_clear()
+    assert onnx_external_data(model, folder) == [data.resolve()]
+    assert onnx_external_data(model, folder) == [data.resolve()]
+    info = _external_locations.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+    point_external_data_at(folder, "../elsewhere/weights.bin")  # a changed file is read again
+    with pytest.raises(ArtifactError, match="outside the variant's folder"):
+        onnx_external_data(model, folder)
+    assert _external_locations.cache_info().misses == 2
