@@ -89,8 +89,15 @@ def test_an_aa_comparison_finds_no_difference(tmp_path: Path) -> None:
     )
     assert optimized.returncode == 0, optimized.stderr
     (variant,) = [p.name for p in (tmp_path / "w" / "variants").glob("mlp.onnx.*")]
-    out = compare(tmp_path, variant, variant, "-m", MLP_CALLABLE, "--input-shape", "16", "-c", "2")
-    assert out["verdict"] == "no significant difference", out["metrics"]
+    args = (variant, variant, "-m", MLP_CALLABLE, "--input-shape", "16", "-c", "2")
+    out = compare(tmp_path, *args)
+    if out["verdict"] != "no significant difference":
+        # A 95% interval excludes zero in 5% of A/A comparisons by design (seen once in CI: p50 -9.5%
+        # over three repeats). A second, independent A/A comparison: both wrong is a 0.25% event, while
+        # a real bias (one side always faster) fails both.
+        first = out["metrics"]
+        out = compare(tmp_path, *args)
+        assert out["verdict"] == "no significant difference", (first, out["metrics"])
     assert out["a"] == out["b"] == f"{variant}@onnxruntime"
     assert len(out["results"]) == 6
 
