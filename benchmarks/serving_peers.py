@@ -10,7 +10,11 @@ noise hits both alike. Printed, per server and encoding (the protocol's default 
 - saturated (32 closed-loop connections for ``--seconds``): requests/s, p99, non-200 answers;
 - whether Triton's perf_analyzer could measure it, and its p50 at concurrency 1 (binary);
 - the transport floor: a bare uvicorn app (the HTTP server BentoML runs) that reads the request and
-  answers a fixed response with no model: what HTTP alone adds to a request of that size here.
+  answers a fixed response with no model: what HTTP alone adds to a request of that size here;
+- optiserve serving a no-op model of the same signature (``optiserve-noop``: a mean over the image and
+  one small matrix product, some microseconds): everything the service does per request except the
+  model, so ``optiserve`` minus ``optiserve-noop`` is what running a real model beside the HTTP work
+  costs (caches and the thread hand-off), and ``optiserve-noop`` minus the floor is the service itself.
 
 Then the goals (issue 14), as ratios from this one run. Nothing is installed by this script; the peers
 live in venvs of their own (their starlette pins clash with BentoML's and with each other's)::
@@ -46,10 +50,10 @@ from serving_efficiency import RawClient, Reference, onnx_fp32, pin_client, read
 from optiserve.deploy.targets.base import wait_ready
 from optiserve.deploy.targets.local import LocalTarget
 from optiserve.loadtests.openloop import http_request
-from optiserve.manifest import variant_dir
+from optiserve.manifest import describe_artifact, variant_dir, write_variant
 from optiserve.models.resolve import dataset
 from optiserve.services.oip_codec import encode_request
-from optiserve.types import ServiceSpec, ThreadSpec
+from optiserve.types import ServiceSpec, ThreadSpec, Variant
 
 HERE = Path(__file__).resolve().parent
 PEERS = HERE / "peers"
@@ -198,13 +202,49 @@ def run_perf_analyzer(url: str, home: Path | None, data: Path) -> tuple[str, flo
     return f"no: {why[:90]}", None
 
 
+def noop_variant(work: Path, variant: Variant) -> Variant:
+    """``variant`` with its model replaced by a no-op of the same signature (input [N,3,224,224], output
+    [N,1000]): the mean of each channel times a constant [3,1000] matrix."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    source = variant.artifacts["model"]
+    inp, out = (
+        variant.model.inputs[0].name,
+        (variant.model.outputs[0].name if variant.model.outputs else "output"),
+    )
+    weight = numpy_helper.from_array(np.full((3, 1000), 1e-3, np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", [inp], ["m"], axes=[2, 3], keepdims=0),
+            helper.make_node("MatMul", ["m", "w"], [out]),
+        ],
+        "noop",
+        [helper.make_tensor_value_info(inp, TensorProto.FLOAT, ["N", 3, 224, 224])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", 1000])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    noop = variant.model_copy(update={"id": variant.id + ".noop"})
+    path = variant_dir(work, noop.id) / source.path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    noop = noop.model_copy(update={"artifacts": {"model": describe_artifact(path.parent, source.path)}})
+    write_variant(path.parent, noop)
+    return noop
+
+
 def in_process_throughput(reference: Reference, seconds: float = 1.5) -> dict[int, float]:
     return {b: float(reference.ask(op="throughput", batch=b, seconds=seconds)) for b in BATCHES}  # type: ignore[arg-type]
 
 
 def measure_floor(result: Result, url: str, encodings: list[Encoding], args: argparse.Namespace) -> None:
-    """The bare HTTP server: no model, so everything it takes is added. Its saturated rate is what the
-    server's one CPU can do of HTTP alone, which bounds any server on it (see :func:`verdicts`)."""
+    """A server with no model (the bare HTTP floor) or a no-op one, so everything it takes is added.
+    The floor's saturated rate is what the server's one CPU can do of HTTP alone, which bounds any
+    server on it (see :func:`verdicts`). The JSON requests go first: after their 3.2 MB bodies, glibc's
+    malloc keeps freed blocks of this size in its heap, as in any server that has run a while; before
+    them, every 0.6 MB binary body is mapped, page-faulted and unmapped again (0.7 ms instead of 0.36
+    ms here)."""
     for enc in encodings:
         latencies, _ = c1_latencies(url, enc, args.reps * args.rounds)
         m = Measured()
@@ -349,6 +389,14 @@ def verdicts(results: list[Result], best: tuple[int, float]) -> None:
                 f"  (bare uvicorn, no model, takes {ofl.p50_ms:.2f} ms at c=1 for this request: the HTTP "
                 f"floor; optiserve adds {ob.added_ms - ofl.p50_ms:+.2f} ms above it)"
             )
+        noop = by.get("optiserve-noop")
+        nb = noop.by_encoding.get("binary") if noop else None
+        if nb and nb.p50_ms and ofl and ofl.p50_ms:
+            print(
+                f"  (with a no-op model optiserve takes {nb.p50_ms:.2f} ms at c=1: the service adds "
+                f"{nb.p50_ms - ofl.p50_ms:+.2f} ms to the floor, and running the real model beside the HTTP "
+                f"work {ob.added_ms - nb.p50_ms:+.2f} ms more)"
+            )
         if ours.perf_analyzer_p50_ms and ob.p50_ms:
             gap = abs(ours.perf_analyzer_p50_ms - ob.p50_ms) / ob.p50_ms
             line(
@@ -376,7 +424,9 @@ def main() -> int:
         default=Path(os.environ.get("PERF_ANALYZER_HOME", "/opt/peers/perf_analyzer")),
     )
     parser.add_argument(
-        "--only", default="optiserve,kserve,mlserver,uvicorn-floor", help="comma-separated servers"
+        "--only",
+        default="optiserve,optiserve-noop,kserve,mlserver,uvicorn-floor",
+        help="comma-separated servers",
     )
     args = parser.parse_args()  # fmt: skip
     if not (args.perf_analyzer_home / ".installed").is_file():
@@ -411,15 +461,21 @@ def main() -> int:
         results: list[Result] = []
         from importlib.metadata import version
 
-        if "optiserve" in wanted:
-            folder = str(variant_dir(work, variant.id))
+        for name, served in (("optiserve", variant), ("optiserve-noop", None)):
+            if name not in wanted:
+                continue
+            served = served or noop_variant(work, variant)
+            folder = str(variant_dir(work, served.id))
             service = ServiceSpec(
-                variant=variant, variant_dir=folder, runtime="onnxruntime", threads=ThreadSpec()
+                variant=served, variant_dir=folder, runtime="onnxruntime", threads=ThreadSpec()
             )
             with LocalTarget(work, ready_timeout_s=300) as deployment:
                 endpoint = deployment.start(service, cpus=frozenset({args.server_cpu}))
-                result = Result("optiserve", version("optiserve"))
-                measure(result, endpoint.url, encodings, reference, args)
+                result = Result(name, version("optiserve"))
+                if served is variant:
+                    measure(result, endpoint.url, encodings, reference, args)
+                else:
+                    measure_floor(result, endpoint.url, encodings, args)
                 results.append(result)
         for name, script, python, package in (
             ("kserve", "kserve_onnx.py", args.kserve_python, "kserve"),
