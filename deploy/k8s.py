@@ -20,7 +20,7 @@ import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from optiserve.errors import ConfigError, OptiserveError, ServingError
 from optiserve.types import ServiceSpec
@@ -93,12 +93,13 @@ def gpu_resource(spec: ServiceSpec) -> tuple[int, str | None]:
     return 0, None
 
 
-def resources_for(spec: ServiceSpec) -> dict[str, dict[str, str]]:
+def resources_for(spec: ServiceSpec, workers: int = 1) -> dict[str, dict[str, str]]:
     """CPU from the threads (+ half a core for BentoML's HTTP worker and the batcher; requests equal
-    limits), memory 512 MiB + 4x the artifact (runtime copies, arena, batch buffers), limit twice that."""
-    cores = spec.threads.intra_op * max(1, spec.threads.streams) + 0.5
+    limits), memory 512 MiB + 4x the artifact (runtime copies, arena, batch buffers), limit twice that;
+    each times the pod's worker processes."""
+    cores = (spec.threads.intra_op * max(1, spec.threads.streams) + 0.5) * workers
     cpu = f"{int(cores * 1000)}m"
-    request_mib = 512 + 4 * spec.variant.size_bytes / 2**20
+    request_mib = (512 + 4 * spec.variant.size_bytes / 2**20) * workers
     request_mib = int(math.ceil(request_mib / 64) * 64)
     return {
         "requests": {"cpu": cpu, "memory": f"{request_mib}Mi"},
@@ -106,12 +107,15 @@ def resources_for(spec: ServiceSpec) -> dict[str, dict[str, str]]:
     }
 
 
-def spec_override(spec: ServiceSpec, baked: ServiceSpec | None) -> dict[str, Any]:
-    """The ServiceSpec the chart should serve instead of the Bento's, or {} when the Bento's will do."""
-    if baked is None or all(getattr(spec, f) == getattr(baked, f) for f in SERVING_FIELDS):
+def spec_override(spec: ServiceSpec, baked: ServiceSpec | None, workers: int = 1) -> dict[str, Any]:
+    """The ServiceSpec the chart should serve instead of the Bento's, or {} when the Bento's will do;
+    ``workers``: the worker processes each pod runs (its ``replicas``: the Bento's is 1)."""
+    same = baked is not None and all(getattr(spec, f) == getattr(baked, f) for f in SERVING_FIELDS)
+    if workers == 1 and (baked is None or same):
         return {}
     data: dict[str, Any] = spec.model_dump(mode="json")
     data.pop("port", None)
+    data["replicas"] = workers
     return data
 
 
@@ -150,10 +154,16 @@ def node_cpu_features(spec: ServiceSpec) -> list[str]:
 
 
 def variant_values(
-    spec: ServiceSpec, name: str, repository: str, baked: ServiceSpec | None = None
+    spec: ServiceSpec,
+    name: str,
+    repository: str,
+    baked: ServiceSpec | None = None,
+    replicas_as: Literal["pods", "workers"] = "pods",
 ) -> dict[str, Any]:
-    """One entry of the chart's ``variants:``."""
+    """One entry of the chart's ``variants:``. ``spec.replicas`` become pods of one worker each (a
+    cluster), or worker processes of one pod (``workers``: the docker target, one machine)."""
     gpus, gpu_name = gpu_resource(spec)
+    workers = spec.replicas if replicas_as == "workers" else 1
     entry: dict[str, Any] = {
         "name": name,
         "variantId": spec.variant.id,
@@ -161,7 +171,8 @@ def variant_values(
         "runtime": spec.runtime,
         "precision": spec.variant.precision,
         "image": image_of(repository, spec),
-        "resources": resources_for(spec),
+        "resources": resources_for(spec, workers),
+        "replicas": 1 if replicas_as == "workers" else spec.replicas,
     }
     if gpus:
         entry["gpu"] = gpus
@@ -169,7 +180,7 @@ def variant_values(
     features = node_cpu_features(spec)
     if features:
         entry["cpuFeatures"] = features
-    override = spec_override(spec, baked)
+    override = spec_override(spec, baked, workers)
     if override:
         entry["serviceSpec"] = override
     return entry
@@ -228,6 +239,7 @@ def build_values(
     weights: Mapping[str, int] | None = None,
     payloads: str = "",
     baked: Mapping[tuple[str, str], ServiceSpec | None] | None = None,
+    replicas_as: Literal["pods", "workers"] = "pods",
 ) -> dict[str, Any]:
     """The chart's values for these pairs: variants, A/B weights and the load generator's target."""
     runtimes_per_variant: dict[str, int] = {}
@@ -236,7 +248,8 @@ def build_values(
     entries = []
     for s in specs:
         name = pair_name(s, runtimes_per_variant[s.variant.id] > 1)
-        entries.append(variant_values(s, name, repository, (baked or {}).get((s.variant.id, s.runtime))))
+        baked_one = (baked or {}).get((s.variant.id, s.runtime))
+        entries.append(variant_values(s, name, repository, baked_one, replicas_as))
     values: dict[str, Any] = {"variants": entries}
     if weights:
         values["traffic"] = {"weights": resolve_weights(weights, entries)}

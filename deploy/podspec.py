@@ -50,9 +50,13 @@ class RenderedPod:
 
 
 def rendered_pod(spec: ServiceSpec, values_dir: Path, sets: tuple[str, ...] = ()) -> RenderedPod:
-    """``helm template`` of the chart with ``spec`` as its only variant; the server pod it renders."""
+    """``helm template`` of the chart with ``spec`` as its only variant; the server pod it renders, with
+    ``spec.replicas`` as worker processes of that one pod (one machine)."""
     values = k8s.build_values(
-        [spec], repository="", baked={(spec.variant.id, spec.runtime): k8s.baked_spec(spec)}
+        [spec],
+        repository="",
+        baked={(spec.variant.id, spec.runtime): k8s.baked_spec(spec)},
+        replicas_as="workers",
     )
     k8s.apply_sets(values, list(sets))
     values_path = k8s.write_values(values, values_dir / "values.yaml")

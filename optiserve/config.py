@@ -6,6 +6,7 @@ is allowed, before anything is written.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,6 +59,10 @@ class ServingConfig(Strict):
     """Also serve variants that failed the accuracy gate (they are never served silently)."""
     cpus: tuple[int, ...] | None = None
     """CPUs each server is pinned to (default: see ``cpu_split``); disjoint from the generator's."""
+    replicas: int = Field(default=1, ge=1)
+    """Copies of each served model: worker processes of one server on this machine (local, docker),
+    each on its own share of ``serving.cpus`` (see ``replica_cpus``); pods on Kubernetes. Measured
+    throughput is theirs together, and cost is priced per replica."""
     limits: ServingLimits = ServingLimits()
     runtime_options: dict[str, dict[str, str | int | float | bool]] = Field(default_factory=dict)
     """Per runtime name, e.g. ``{"torch-eager": {"compile": true}, "openvino": {"device": "GPU"}}``."""
@@ -158,7 +163,10 @@ class TuneSpace(Strict):
     streams: tuple[int, ...] = Field(default=(1,), min_length=1)
     """OpenVINO inference streams (other runtimes run one batch at a time and ignore this)."""
     replicas: tuple[int, ...] = Field(default=(1,), min_length=1)
-    """Servers, each on CPUs of its own; more than the machine's server CPUs allow is refused."""
+    """Replicas serving a candidate together (``serving.replicas``): worker processes of one server here,
+    each on its own share of the server CPUs where there are as many CPUs (else they share them); pods
+    on Kubernetes. Cost is priced per replica, so more replicas win only where they serve more per
+    replica (or the target rate needs them)."""
 
 
 class TuneConfig(Strict):
@@ -264,6 +272,20 @@ def with_overrides(config: ExperimentConfig, overrides: dict[str, Any]) -> Exper
             node = node.setdefault(key, {})
         node[leaf] = value
     return parse_config(data, "command line")
+
+
+def replica_cpus(allowed: Iterable[int], replicas: int, index: int) -> frozenset[int] | None:
+    """The CPUs of replica ``index`` (0-based) of ``replicas`` sharing ``allowed``: contiguous, disjoint
+    shares as even as they can be (5 CPUs, 2 replicas: 3 and 2); None (share them all) when there are
+    fewer CPUs than replicas."""
+    cpus = sorted(allowed)
+    if not 0 <= index < replicas:
+        raise ValueError(f"replica index {index} outside 0..{replicas - 1}")
+    if len(cpus) < replicas:
+        return None
+    size, extra = divmod(len(cpus), replicas)
+    start = index * size + min(index, extra)
+    return frozenset(cpus[start : start + size + (1 if index < extra else 0)])
 
 
 def cpu_split(

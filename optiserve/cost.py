@@ -3,10 +3,13 @@
 The price table ships with the package (``optiserve/data/prices.yaml``); a user file of the same shape
 replaces or adds instance types. Two figures per variant × runtime:
 
-- **max-throughput-at-slo**: one replica kept at the highest measured throughput whose p99 met the SLO
-  with no errors: ``price_per_hour × replicas ÷ (throughput_rps × 3600) × 1e6`` with one replica.
-- **offered-load**: ``replicas = ceil(offered_rps ÷ that throughput)``, each paid for whether busy or not:
-  ``price_per_hour × replicas ÷ (offered_rps × 3600) × 1e6``.
+- **max-throughput-at-slo**: the replicas measured (``serving.replicas``, one unless set) kept at the
+  highest throughput they served together whose p99 met the SLO with no errors:
+  ``price_per_hour × replicas ÷ (throughput_rps × 3600) × 1e6``.
+- **offered-load**: ``replicas = ceil(offered_rps ÷ that throughput per replica)``, each paid for whether
+  busy or not: ``price_per_hour × replicas ÷ (offered_rps × 3600) × 1e6``.
+
+One replica is priced as one instance.
 """
 
 from __future__ import annotations
@@ -157,14 +160,15 @@ def cost_at_slo(
     best = best_at_slo(results, slo_ms)
     if best is None:
         return None
+    measured = best.endpoint.service.replicas
     return CostEstimate(
         instance=instance,
         price_per_hour=price.usd_per_hour,
-        replicas=1,
+        replicas=measured,
         basis="max-throughput-at-slo",
-        throughput_rps=best.throughput_rps,
+        throughput_rps=best.throughput_rps / measured,
         slo_ms=slo_ms,
-        usd_per_million=usd_per_million(price.usd_per_hour, 1, best.throughput_rps),
+        usd_per_million=usd_per_million(price.usd_per_hour, measured, best.throughput_rps),
     )
 
 
@@ -177,13 +181,14 @@ def cost_at_offered_load(
     best = best_at_slo(results, slo_ms)
     if best is None:
         return None
-    replicas = max(1, math.ceil(offered_rps / best.throughput_rps))
+    per_replica = best.throughput_rps / best.endpoint.service.replicas
+    replicas = max(1, math.ceil(offered_rps / per_replica))
     return CostEstimate(
         instance=instance,
         price_per_hour=price.usd_per_hour,
         replicas=replicas,
         basis="offered-load",
-        throughput_rps=best.throughput_rps,
+        throughput_rps=per_replica,
         slo_ms=slo_ms,
         offered_rps=offered_rps,
         usd_per_million=usd_per_million(price.usd_per_hour, replicas, offered_rps),

@@ -83,6 +83,9 @@ class MetricDef:
     help: str
     extra_labels: tuple[str, ...] = ()
     buckets: tuple[float, ...] = ()
+    across_workers: Literal["max", "livesum"] = "max"
+    """A gauge of a server with several worker processes (``serving.replicas`` on one machine): the
+    largest value of any of them, or the sum over those alive."""
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -136,12 +139,21 @@ MODEL_LOAD = MetricDef(
     "gauge",
     "Seconds from process start of the service to ready: artifact check, runtime load and warm-up.",
 )
-READY = MetricDef("optiserve_ready", "gauge", "1 once the model is loaded and warmed up, 0 while draining.")
+READY = MetricDef(
+    "optiserve_ready",
+    "gauge",
+    "Worker processes with the model loaded and warmed up (1 per server, or its replicas on one machine); "
+    "0 while draining.",
+    across_workers="livesum",
+)
 PROCESS_CPU = MetricDef(
     "optiserve_process_cpu_seconds", "counter", "CPU seconds used by the serving process (user + system)."
 )
 PROCESS_MEMORY = MetricDef(
-    "optiserve_process_resident_memory_bytes", "gauge", "Resident memory of the serving process."
+    "optiserve_process_resident_memory_bytes",
+    "gauge",
+    "Resident memory of the serving processes (all its workers).",
+    across_workers="livesum",
 )
 
 ALL: tuple[MetricDef, ...] = (
@@ -198,6 +210,26 @@ def counter_series(metric: MetricDef) -> tuple[str, ...]:
     return (metric.series,) if metric.kind == "counter" else ()
 
 
+def forget_dead_workers() -> None:
+    """Drop the ``livesum`` gauge files of worker processes that no longer exist. BentoML removes a
+    worker's own when it exits cleanly, but not after a crash or SIGKILL, and a restarted worker would
+    otherwise be counted twice in ``optiserve_ready``."""
+    import glob
+    import os
+    import re
+
+    import psutil
+    from prometheus_client import multiprocess
+
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return
+    for path in glob.glob(os.path.join(folder, "gauge_live*_*.db")):
+        found = re.search(r"_(\d+)\.db$", path)
+        if found and not psutil.pid_exists(int(found.group(1))):
+            multiprocess.mark_process_dead(int(found.group(1)), folder)  # type: ignore[no-untyped-call]
+
+
 class ServiceMetrics:
     """The instruments of one served variant, created through ``bentoml.metrics`` so that BentoML's
     ``/metrics`` endpoint exports them (in its multiprocess registry), with the identity labels bound."""
@@ -205,6 +237,7 @@ class ServiceMetrics:
     def __init__(self, spec: ServiceSpec) -> None:
         import bentoml
 
+        forget_dead_workers()
         self.identity = identity(spec)
         made: dict[str, Any] = {}
         for m in ALL:
@@ -217,7 +250,7 @@ class ServiceMetrics:
             if m.buckets:
                 kwargs["buckets"] = list(m.buckets)
             if m.kind == "gauge":
-                kwargs["multiprocess_mode"] = "max"
+                kwargs["multiprocess_mode"] = m.across_workers
             made[m.name] = factory(**kwargs)
         self._made = made
         self._children: dict[tuple[Any, ...], Any] = {}

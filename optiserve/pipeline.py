@@ -515,6 +515,7 @@ def service_spec(
         access_log=config.serving.access_log,
         tracing=config.serving.tracing,
         port=port,
+        replicas=config.serving.replicas,
     )
 
 

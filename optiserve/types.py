@@ -239,6 +239,11 @@ class ServiceSpec(Frozen):
     """Runtime-specific settings, e.g. ``{"compile": true}`` for torch, ``{"device": "GPU"}`` for OpenVINO."""
     host: str = "127.0.0.1"
     port: int | None = None
+    replicas: int = Field(default=1, ge=1)
+    """Copies of the model serving this pair (``serving.replicas``). On one machine (the local and
+    docker targets) they are worker processes of one server behind its one port, each pinned to its own
+    share of the server's CPUs when there are at least as many CPUs (else they share them); on
+    Kubernetes they are pods, each running one."""
 
 
 class Endpoint(Frozen):
@@ -371,9 +376,9 @@ CostBasis = Literal["max-throughput-at-slo", "offered-load"]
 class CostEstimate(Frozen):
     """What a million inferences cost on one instance type, from measured throughput (see optiserve.cost).
 
-    ``max-throughput-at-slo``: one replica run at the highest measured throughput whose p99 met ``slo_ms``
-    with no errors. ``offered-load``: enough replicas (each at that throughput) to serve ``offered_rps``,
-    paid for whether or not they are busy.
+    ``max-throughput-at-slo``: the replicas measured (one unless ``serving.replicas`` said more) run at
+    the highest throughput whose p99 met ``slo_ms`` with no errors. ``offered-load``: enough replicas
+    (each at that throughput per replica) to serve ``offered_rps``, paid for whether or not they are busy.
     """
 
     instance: str

@@ -26,6 +26,7 @@ import bentoml
 from optiserve.manifest import read_model
 from optiserve.services.core import ServingCore
 from optiserve.services.oip import create_app
+from optiserve.services.replicas import become_replica
 from optiserve.types import ServiceSpec
 
 SPEC_ENV = "OPTISERVE_SERVICE_SPEC"
@@ -47,6 +48,8 @@ def _spec_from_env() -> ServiceSpec | None:
 
 
 SPEC = _spec_from_env()
+if SPEC is not None:
+    become_replica(SPEC.replicas)  # before uvicorn takes the listening socket and the runtime its CPUs
 _CORE: list[ServingCore] = []  # set once per worker process by the service's __init__
 
 routes = create_app(lambda: _CORE[0] if _CORE else None)
@@ -60,7 +63,7 @@ def bento_config(spec: ServiceSpec | None) -> dict[str, Any]:
     access_log = bool(spec and spec.access_log)
     config: dict[str, Any] = {
         "name": "optiserve",
-        "workers": 1,
+        "workers": spec.replicas if spec else 1,
         "traffic": {"timeout": 120},
         "logging": {"access": {"enabled": access_log}},
     }

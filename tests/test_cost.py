@@ -136,6 +136,29 @@ def test_slo_picks_the_fastest_level_that_meets_it_without_errors() -> None:
     assert cost_at_slo(LEVELS, "c6i.large", price, 10.0) is None
 
 
+def measured_with_replicas(level: BenchResult, replicas: int) -> BenchResult:
+    service = level.endpoint.service.model_copy(update={"replicas": replicas})
+    return level.model_copy(update={"endpoint": level.endpoint.model_copy(update={"service": service})})
+
+
+def test_levels_measured_on_several_replicas_are_priced_per_replica() -> None:
+    price = packaged_prices().get("c6i.large")
+    # Two replicas served 150 req/s together: 75 each, both paid for.
+    levels = [measured_with_replicas(level, 2) for level in LEVELS]
+    cost = cost_at_slo(levels, "c6i.large", price, 100.0)
+    assert cost is not None
+    assert (cost.replicas, cost.throughput_rps) == (2, 75.0)
+    assert cost.usd_per_million == pytest.approx(usd_per_million(0.085, 2, 150.0))
+    assert cost.usd_per_million == pytest.approx(
+        2 * cost_at_slo(LEVELS, "c6i.large", price, 100.0).usd_per_million
+    )  # type: ignore[union-attr]
+    # 400 req/s at 75 per replica: ceil(5.33) = 6 replicas.
+    offered = cost_at_offered_load(levels, "c6i.large", price, 100.0, 400.0)
+    assert offered is not None
+    assert (offered.replicas, offered.throughput_rps) == (6, 75.0)
+    assert offered.usd_per_million == pytest.approx(usd_per_million(0.085, 6, 400.0))
+
+
 def test_offered_load_needs_whole_replicas() -> None:
     price = packaged_prices().get("c6i.large")
     # 400 req/s on replicas that sustain 150 each: ceil(2.67) = 3 replicas, $0.255/h for 1.44M an hour.

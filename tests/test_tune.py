@@ -13,6 +13,7 @@ import yaml
 
 from optiserve import pipeline
 from optiserve.config import ExperimentConfig, load_config, with_overrides
+from optiserve.cost import load_prices, usd_per_million
 from optiserve.errors import ConfigError
 from optiserve.tune.outcome import closest, pareto, recommended
 from optiserve.tune.space import build_space
@@ -68,6 +69,33 @@ def test_the_space_is_every_combination(onnx_source: Variant, variants_workdir: 
     assert "2 configurations" in space.describe()
 
 
+def test_replicas_multiply_the_space_and_set_serving_replicas(
+    onnx_source: Variant, variants_workdir: Path
+) -> None:
+    config = config_for(variants_workdir, space={**TUNE["space"], "replicas": [2, 1]})  # type: ignore[dict-item]
+    space = build_space(config, plan_for(onnx_source, variants_workdir, config), server_cpus=1)
+    assert space.grid_size == 4 and sorted({c.replicas for c in space.all()}) == [1, 2]
+    two = next(c for c in space.all() if c.replicas == 2)
+    assert two.overrides()["serving.replicas"] == 2 and "×2 replicas" in two.label()
+    assert space.from_params(two.params()) == two
+
+
+@pytest.mark.slow
+def test_a_trial_measures_its_replicas_together_and_prices_each(
+    onnx_source: Variant, variants_workdir: Path, tmp_path: Path
+) -> None:
+    config = config_for(variants_workdir, space={**TUNE["space"], "replicas": [2]})  # type: ignore[dict-item]
+    outcome = first_trial(config, onnx_source, variants_workdir, tmp_path / "trial", incumbent_rps=None)
+    assert outcome.feasible, outcome.missed
+    assert outcome.params["replicas"] == 2 and outcome.replicas == 2
+    levels = [json.loads(p.read_text()) for p in (tmp_path / "trial" / "bench").glob("*.json")]
+    assert levels and all(level["endpoint"]["service"]["replicas"] == 2 for level in levels)
+    # priced as two instances for what the two served together
+    assert outcome.usd_per_million == pytest.approx(
+        usd_per_million(load_prices(None).get("c6i.large").usd_per_hour, 2, outcome.capacity_rps), rel=1e-6
+    )
+
+
 @pytest.mark.parametrize(
     ("tune", "key"),
     [
@@ -77,7 +105,7 @@ def test_the_space_is_every_combination(onnx_source: Variant, variants_workdir: 
             {"space": {"intra_op_threads": [4]}},
             "tune.space.intra_op_threads: 4 threads, but the servers get 1",
         ),
-        ({"space": {"replicas": [2]}}, "tune.space.replicas"),
+        ({"space": {"replicas": [0, 2]}}, "tune.space.replicas: 0 is below the least allowed value, 1"),
         ({"space": {"max_batch_size": [1, 4]}}, "tune.space.max_batch_size: 1 is below"),
         ({"min_rate": 500}, "tune.min_rate (500) must be below tune.max_rate"),
     ],

@@ -98,6 +98,15 @@ def wait_ready(
     """Poll ``url`` until it answers 200 (True) or ``timeout_s`` passes (False). ``failure`` is asked
     each round why the server can no longer become ready (exited, failed its start-up), and its answer
     is raised as a ServingError."""
+    return _poll(lambda client: client.get(url).status_code == 200, timeout_s, failure, interval_s)
+
+
+def _poll(
+    done: Callable[[httpx.Client], bool],
+    timeout_s: float,
+    failure: Callable[[], str | None],
+    interval_s: float = 0.25,
+) -> bool:
     deadline = time.monotonic() + timeout_s
     with httpx.Client(timeout=2.0) as client:
         while time.monotonic() < deadline:
@@ -105,10 +114,35 @@ def wait_ready(
             if problem:
                 raise ServingError(problem)
             with contextlib.suppress(httpx.HTTPError):
-                if client.get(url).status_code == 200:
+                if done(client):
                     return True
             time.sleep(interval_s)
     return False
+
+
+def ready_workers(metrics_text: str) -> int:
+    """How many worker processes report ready in a server's /metrics (``optiserve_ready``, summed over
+    the live workers)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from optiserve.metrics import READY
+
+    return int(
+        sum(
+            sample.value
+            for family in text_string_to_metric_families(metrics_text)
+            for sample in family.samples
+            if sample.name == READY.name
+        )
+    )
+
+
+def wait_workers_ready(url: str, workers: int, timeout_s: float, failure: Callable[[], str | None]) -> bool:
+    """After ``/readyz`` answered (one worker is ready), poll ``url``/metrics until all ``workers`` are:
+    the load must not start while some replicas still load their model."""
+    return _poll(
+        lambda client: ready_workers(client.get(f"{url}/metrics").text) >= workers, timeout_s, failure
+    )
 
 
 def startup_failed(log_text: str) -> bool:

@@ -27,7 +27,7 @@ from optiserve.types import Endpoint, ServiceSpec
 
 from ..engine import START_HINT, docker, engine_problem, image_exists
 from ..podspec import container_command, docker_run_args, rendered_pod
-from .base import Target, startup_failed, wait_ready
+from .base import Target, startup_failed, wait_ready, wait_workers_ready
 
 MANAGED_LABEL = "io.optiserve.managed=true"
 LOG_LINES = 12
@@ -114,13 +114,13 @@ class DockerTarget(Target):
         self._containers[url] = name
         self._grace[url] = int(pod.spec.get("terminationGracePeriodSeconds", 30))
         try:
-            self._wait_ready(name, url, pod.probe_path("readinessProbe"))
+            self._wait_ready(name, url, pod.probe_path("readinessProbe"), spec.replicas)
         except BaseException:
             self._remove(url)
             raise
         return Endpoint(service=spec.model_copy(update={"port": host_port}), url=url, target="docker")
 
-    def _wait_ready(self, name: str, url: str, path: str) -> None:
+    def _wait_ready(self, name: str, url: str, path: str, workers: int) -> None:
         def failure() -> str | None:
             inspect = ["inspect", "--format", "{{.State.Status}}", name]
             if docker(inspect, what=f"docker inspect {name}").strip() in ("exited", "dead"):
@@ -129,7 +129,10 @@ class DockerTarget(Target):
                 return f"container {name} failed to initialise; its log:\n{self.logs(name)}"
             return None
 
-        if not wait_ready(f"{url}{path}", self.ready_timeout_s, failure):
+        ready = wait_ready(f"{url}{path}", self.ready_timeout_s, failure)
+        if ready and workers > 1:
+            ready = wait_workers_ready(url, workers, self.ready_timeout_s, failure)
+        if not ready:
             raise ServingError(
                 f"container {name} not ready after {self.ready_timeout_s:.0f}s; its log:\n{self.logs(name)}"
             )

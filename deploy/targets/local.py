@@ -14,7 +14,7 @@ from optiserve.manifest import write_model
 from optiserve.procs import free_port, port_in_use, spawn, stop_group, tail
 from optiserve.types import Endpoint, ServiceSpec
 
-from .base import Target, startup_failed, wait_ready
+from .base import Target, startup_failed, wait_ready, wait_workers_ready
 
 SERVICE_IMPORT = "optiserve.services.service:OptiserveService"
 
@@ -70,11 +70,11 @@ class LocalTarget(Target):
         proc = spawn(cmd, log=log, env=env, cwd=run_dir, cpus=cpus)
         self._procs[name] = proc
         url = f"http://{spec.host}:{port}"
-        self._wait_ready(name, url, log)
+        self._wait_ready(name, url, log, spec.replicas)
         self._names[url] = name
         return Endpoint(service=spec, url=url, target="local")
 
-    def _wait_ready(self, name: str, url: str, log: Path) -> None:
+    def _wait_ready(self, name: str, url: str, log: Path, workers: int) -> None:
         proc = self._procs[name]
 
         def failure() -> str | None:
@@ -86,6 +86,8 @@ class LocalTarget(Target):
 
         try:
             ready = wait_ready(f"{url}/readyz", self.ready_timeout_s, failure)
+            if ready and workers > 1:
+                ready = wait_workers_ready(url, workers, self.ready_timeout_s, failure)
         except ServingError:
             self._stop_name(name)
             raise

@@ -2,7 +2,9 @@
 
 A candidate is one serving configuration: a deployment (variant × runtime, with OpenVINO's stream count
 folded in, since only that runtime has streams), a maximum batch size, a batching deadline and the
-runtime's intra-op threads. Every dimension is categorical, so the grid, random and TPE strategies search
+runtime's intra-op threads, and the replicas serving it together (worker processes of one server on
+this machine, each on its own share of the server CPUs when there are enough; pods on Kubernetes).
+Every dimension is categorical, so the grid, random and TPE strategies search
 exactly the same candidates and a study can be resumed with any of them.
 """
 
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
     from optiserve.pipeline import Plan
     from optiserve.types import Variant
 
-PARAMS = ("deployment", "max_batch_size", "max_latency_ms", "intra_op_threads")
+PARAMS = ("deployment", "max_batch_size", "max_latency_ms", "intra_op_threads", "replicas")
 """Optuna parameter names, in the order a candidate's label shows them."""
 
 
@@ -43,11 +45,13 @@ class Candidate:
     max_batch_size: int
     max_latency_ms: int
     intra_op_threads: int
+    replicas: int = 1
 
     def label(self) -> str:
+        replicas = f" ×{self.replicas} replicas" if self.replicas != 1 else ""
         return (
             f"{self.deployment.key} batch≤{self.max_batch_size} deadline {self.max_latency_ms} ms "
-            f"threads {self.intra_op_threads}"
+            f"threads {self.intra_op_threads}{replicas}"
         )
 
     def params(self) -> dict[str, Any]:
@@ -56,6 +60,7 @@ class Candidate:
             "max_batch_size": self.max_batch_size,
             "max_latency_ms": self.max_latency_ms,
             "intra_op_threads": self.intra_op_threads,
+            "replicas": self.replicas,
         }
 
     def overrides(self) -> dict[str, Any]:
@@ -66,6 +71,7 @@ class Candidate:
             "serving.batching.max_latency_ms": self.max_latency_ms,
             "serving.threads.intra_op": self.intra_op_threads,
             "serving.threads.streams": self.deployment.streams,
+            "serving.replicas": self.replicas,
         }
 
 
@@ -76,6 +82,7 @@ class SearchSpace:
     max_latency_ms: tuple[int, ...]
     intra_op_threads: tuple[int, ...]
     variants: dict[str, Variant]
+    replicas: tuple[int, ...] = (1,)
 
     @property
     def grid_size(self) -> int:
@@ -88,6 +95,7 @@ class SearchSpace:
             "max_batch_size": list(self.max_batch_size),
             "max_latency_ms": list(self.max_latency_ms),
             "intra_op_threads": list(self.intra_op_threads),
+            "replicas": list(self.replicas),
         }
 
     def suggest(self, trial: optuna.Trial) -> Candidate:
@@ -102,6 +110,7 @@ class SearchSpace:
             max_batch_size=int(params["max_batch_size"]),
             max_latency_ms=int(params["max_latency_ms"]),
             intra_op_threads=int(params["intra_op_threads"]),
+            replicas=int(params.get("replicas", 1)),  # studies from before replicas were searched
         )
 
     def all(self) -> list[Candidate]:
@@ -153,16 +162,12 @@ def build_space(config: ExperimentConfig, plan: Plan, server_cpus: int) -> Searc
         ("max_latency_ms", space.max_latency_ms),
         ("intra_op_threads", space.intra_op_threads),
         ("streams", space.streams),
+        ("replicas", space.replicas),
     ):
         low = 2 if key == "max_batch_size" else 1
         bad = [v for v in values if v < low]
         if bad:
             raise ConfigError(f"tune.space.{key}: {bad[0]} is below the least allowed value, {low}")
-    if any(r != 1 for r in space.replicas):
-        raise ConfigError(
-            f"tune.space.replicas: {list(space.replicas)}; only 1 is searched: a trial measures one "
-            "server, and the replicas a target rate needs follow from its capacity (cost.offered_rps)"
-        )
     too_many = [t for t in space.intra_op_threads if t > server_cpus]
     if too_many:
         raise ConfigError(
@@ -183,4 +188,5 @@ def build_space(config: ExperimentConfig, plan: Plan, server_cpus: int) -> Searc
         max_latency_ms=tuple(sorted(set(space.max_latency_ms))),
         intra_op_threads=tuple(sorted(set(space.intra_op_threads))),
         variants={v.id: v for v, _ in pairs},
+        replicas=tuple(sorted(set(space.replicas))),
     )

@@ -168,7 +168,7 @@ def run_study(
                 trial_dir,
                 prices=prices,
                 instance=instance,
-                incumbent_rps=incumbents.get(candidate.deployment.key),
+                incumbent_rps=_scaled(incumbents.get(candidate.deployment.key), candidate.replicas),
                 evaluation=evaluations.get((candidate.deployment.variant_id, candidate.deployment.runtime)),
                 on_level=_level_note(advance, n, planned, done, candidate.label(), eta),
             )
@@ -178,7 +178,7 @@ def run_study(
             by_params[_key(outcome.params)] = outcome
             if outcome.trusted and outcome.capacity_rps:
                 key = candidate.deployment.key
-                incumbents[key] = max(incumbents.get(key, 0.0), outcome.capacity_rps)
+                incumbents[key] = max(incumbents.get(key, 0.0), outcome.capacity_rps / candidate.replicas)
             measured_now += 1
             advance(1, description=_headline(n, planned, done, None, _eta(durations, planned - len(done))))
     return StudyResult(
@@ -217,12 +217,19 @@ def _measured(study: optuna.Study) -> list[TrialOutcome]:
 
 
 def _incumbents(outcomes: list[TrialOutcome]) -> dict[str, float]:
+    """Per deployment, the best trusted capacity per replica measured so far."""
     best: dict[str, float] = {}
     for o in outcomes:
         if o.trusted and o.capacity_rps:
             key = o.params["deployment"]
-            best[key] = max(best.get(key, 0.0), o.capacity_rps)
+            best[key] = max(best.get(key, 0.0), o.capacity_rps / o.params.get("replicas", 1))
     return best
+
+
+def _scaled(per_replica_rps: float | None, replicas: int) -> float | None:
+    """The capacity ``replicas`` replicas must reach to cost no more than the incumbent (cost is priced
+    per replica)."""
+    return None if per_replica_rps is None else per_replica_rps * replicas
 
 
 def _key(params: dict[str, Any]) -> str:

@@ -3,8 +3,9 @@ highest open-loop rate whose p99 meets the SLO with no errors and a generator th
 :func:`optiserve.pipeline.bench`: the same targets, pinning, scenarios and integrity checks as `bench`.
 
 Pruning: a candidate of a deployment (variant × runtime) that already has a measured capacity starts
-its search at 90% of that capacity. If it misses the SLO there it cannot be cheaper than its own
-deployment's incumbent (same accuracy, same price, less throughput), so it stops after that first level.
+its search at 90% of that capacity (per replica, times the candidate's replicas: each replica is paid
+for). If it misses the SLO there it cannot be cheaper than its own deployment's incumbent (same
+accuracy, same price per replica, less throughput per replica), so it stops after that first level.
 A trial whose verdicts contradict each other (a higher rate passed where a lower one failed) is measured
 again (``tune.remeasure`` times) before it is marked noisy; a noisy trial is shown but never recommended.
 """
@@ -159,7 +160,7 @@ def _measure_once(
         if probe is not None and len(seen) == 1 and not meets_slo(result, slo):
             raise Pruned(
                 f"missed the SLO at {probe:.1f} req/s, 90% of this deployment's best capacity "
-                f"({incumbent_rps:.1f} req/s): it cannot be cheaper"
+                f"({incumbent_rps:.1f} req/s for {candidate.replicas} replica(s)): it cannot be cheaper"
             )
 
     trial_dir.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ for (node-feature-discovery labels)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,25 @@ def test_chart_values_change_the_docker_options(helm: Path, spec: ServiceSpec, t
 def test_threads_size_the_cpu_limit(helm: Path, spec: ServiceSpec, tmp_path: Path) -> None:
     wider = spec.model_copy(update={"threads": ThreadSpec(intra_op=2)})
     assert option(docker_run_args(rendered_pod(wider, tmp_path), tmp_path / "f"), "--cpus") == ["2.5"]
+
+
+def test_replicas_are_pods_on_a_cluster_and_workers_of_one_container_in_docker(
+    helm: Path, spec: ServiceSpec, tmp_path: Path
+) -> None:
+    three = spec.model_copy(update={"replicas": 3})
+    (pods,) = k8s.build_values([three], repository="r")["variants"]
+    assert pods["replicas"] == 3 and pods["resources"] == k8s.resources_for(spec)
+    assert "serviceSpec" not in pods  # each pod serves the Bento's own spec: one worker
+    objects = template(helm, k8s.build_values([three], repository="r"), tmp_path)
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    assert deployment["spec"]["replicas"] == 3
+    (one_pod,) = k8s.build_values([three], repository="r", replicas_as="workers")["variants"]
+    assert one_pod["replicas"] == 1 and one_pod["serviceSpec"]["replicas"] == 3
+    # docker runs that one pod: three workers' CPU (1.5 each) in the one container
+    pod = rendered_pod(three, tmp_path)
+    assert option(docker_run_args(pod, tmp_path / "f"), "--cpus") == ["4.5"]
+    (served,) = [json.loads(m["service.json"]) for m in pod.config_maps.values() if "service.json" in m]
+    assert served["replicas"] == 3
 
 
 def test_service_spec_override_is_mounted_read_only(helm: Path, spec: ServiceSpec, tmp_path: Path) -> None:

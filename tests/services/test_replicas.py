@@ -1,0 +1,88 @@
+"""Replicas on one machine (``serving.replicas``): worker processes of one server, each on its own CPUs,
+each accepting its own share of the connections, all counted in one /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from optiserve.config import replica_cpus
+from optiserve.deploy.targets.base import ready_workers
+from optiserve.deploy.targets.local import LocalTarget
+from optiserve.metrics import forget_dead_workers
+from optiserve.types import Variant
+from tests.conftest import random_inputs, service_spec
+
+
+@pytest.mark.parametrize(
+    ("allowed", "replicas", "shares"),
+    [
+        ([0, 1], 2, [{0}, {1}]),
+        ([4, 5, 6, 7, 8], 2, [{4, 5, 6}, {7, 8}]),
+        ([0, 1, 2, 3], 3, [{0, 1}, {2}, {3}]),
+        ([3], 2, [None, None]),  # fewer CPUs than replicas: they share
+        ([0, 1], 1, [{0, 1}]),
+    ],
+)
+def test_replica_cpus_are_disjoint_shares(
+    allowed: list[int], replicas: int, shares: list[set[int] | None]
+) -> None:
+    got = [replica_cpus(allowed, replicas, i) for i in range(replicas)]
+    assert [None if g is None else set(g) for g in got] == shares
+
+
+def test_a_dead_worker_s_live_gauges_are_forgotten(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dead = psutil.Popen(["true"])
+    dead.wait()
+    for pid in (os.getpid(), dead.pid):
+        (tmp_path / f"gauge_livesum_{pid}.db").write_bytes(b"")
+    (tmp_path / f"counter_{dead.pid}.db").write_bytes(b"")  # counters of dead workers still count
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    forget_dead_workers()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"gauge_livesum_{os.getpid()}.db", f"counter_{dead.pid}.db"]
+    )
+
+
+@pytest.mark.slow
+def test_two_replicas_take_a_cpu_and_connections_each(onnx_source: Variant, variants_workdir: Path) -> None:
+    cpus = frozenset(sorted(os.sched_getaffinity(0))[:2])
+    if len(cpus) < 2:
+        pytest.fail("this test needs 2 CPUs (every machine this project supports has them)")
+    spec = service_spec(onnx_source, variants_workdir, "onnxruntime").model_copy(update={"replicas": 2})
+    with LocalTarget(variants_workdir, ready_timeout_s=120) as deployment:
+        endpoint = deployment.start(spec, cpus=cpus)
+        assert ready_workers(httpx.get(f"{endpoint.url}/metrics", timeout=10).text) == 2
+        workers = psutil.Process(deployment.process(endpoint).pid).children(recursive=True)  # type: ignore[attr-defined]
+        workers = [w for w in workers if "--worker-id" in w.cmdline()]
+        assert len(workers) == 2
+        assert sorted(tuple(w.cpu_affinity()) for w in workers) == [(min(cpus),), (max(cpus),)]
+        before = {w.pid: sum(w.cpu_times()[:2]) for w in workers}
+
+        async def users(n: int, requests: int) -> None:
+            async def one() -> None:
+                async with httpx.AsyncClient(timeout=30) as client:  # a connection of its own
+                    for _ in range(requests):
+                        r = await client.post(
+                            endpoint.predict_url, json={"inputs": random_inputs(4).tolist()}
+                        )
+                        assert r.status_code == 200
+
+            await asyncio.gather(*(one() for _ in range(n)))
+
+        # 16 connections hashed over 2 listening sockets: all on one has probability 2 / 2**16.
+        asyncio.run(users(16, 40))
+        used = {w.pid: sum(w.cpu_times()[:2]) - before[w.pid] for w in workers}
+        assert min(used.values()) > 0.15 * sum(used.values()), f"CPU seconds by worker: {used}"
+        text = httpx.get(f"{endpoint.url}/metrics", timeout=10).text
+        served = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("optiserve_requests_total{") and 'code="200"' in line
+        )
+        assert served >= 16 * 40  # both workers' counts in the one /metrics
