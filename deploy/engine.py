@@ -59,7 +59,13 @@ def docker(
     except subprocess.TimeoutExpired as e:
         raise error(f"{what} timed out after {timeout:.0f}s") from e
     if done.returncode != 0:
-        reason = last_line(done.stderr.decode(errors="replace")) or f"exit {done.returncode}"
+        # docker ends a refused command line with "Run 'docker run --help' ...": the reason is above it
+        stderr = "\n".join(
+            line
+            for line in done.stderr.decode(errors="replace").splitlines()
+            if "--help' for more" not in line
+        )
+        reason = last_line(stderr) or f"exit {done.returncode}"
         raise error(f"{what} failed: {reason}")
     return done.stdout.decode(errors="replace")
 

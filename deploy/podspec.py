@@ -10,6 +10,7 @@ error, never silently dropped, so a container started this way runs as the clust
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,7 +125,9 @@ def docker_run_args(pod: RenderedPod, files_dir: Path) -> list[str]:
     # RuntimeDefault: the engine's default profile, which docker applies unless told otherwise
     limits = c.get("resources", {}).get("limits", {})
     if "cpu" in limits:
-        args += ["--cpus", f"{quantity_cpus(limits['cpu']):g}"]
+        # docker refuses a limit above the host's CPUs, which a pod for a bigger node can ask for
+        cpus = min(quantity_cpus(limits["cpu"]), float(os.cpu_count() or 1))
+        args += ["--cpus", f"{cpus:g}"]
     if "memory" in limits:
         memory = quantity_bytes(limits["memory"])
         args += ["--memory", str(memory), "--memory-swap", str(memory)]

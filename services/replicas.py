@@ -1,7 +1,7 @@
 """Replicas on one machine: the worker processes of one BentoML server, each its own copy of the model.
 
-BentoML starts worker ``i`` (1-based) as ``python -m _bentoml_impl.worker.service ... --fd N
---worker-id i``, every worker accepting on the one listening socket its arbiter opened (``--fd``).
+BentoML starts worker ``i`` (1-based) as a process whose command line carries ``--fd N --worker-id i``,
+every worker accepting on the one listening socket its arbiter opened (``--fd``).
 Two things make them replicas rather than contenders:
 
 - **CPUs:** each worker narrows itself to its own share of the server's CPUs (``replica_cpus``) before

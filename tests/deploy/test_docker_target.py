@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -20,12 +21,14 @@ import httpx
 import numpy as np
 import onnx
 import onnxruntime as ort
+import psutil
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from optiserve.deploy.bento import build_bento, build_wheel
 from optiserve.deploy.engine import engine_problem
 from optiserve.deploy.images import build_image
+from optiserve.deploy.targets.base import ready_workers
 from optiserve.deploy.targets.docker import MANAGED_LABEL, DockerTarget
 from optiserve.errors import ServingError
 from optiserve.models.resolve import resolve_model
@@ -34,6 +37,7 @@ from optiserve.services.oip_codec import encode_request
 from optiserve.types import Endpoint, ServiceSpec, Variant
 from tests.conftest import error_lines, random_inputs, run_cli, service_spec
 from tests.deploy.conftest import unavailable
+from tests.services.test_replicas import assert_connections_spread
 
 pytestmark = pytest.mark.slow
 
@@ -138,6 +142,26 @@ def test_container_runs_as_the_pod_spec_says(mlp_container: tuple[DockerTarget, 
     assert limits["Memory"] > 0 and limits["ReadonlyRootfs"] is True
     assert httpx.get(f"{endpoint.url}/v2/health/live", timeout=10).status_code == 200
     assert httpx.get(f"{endpoint.url}/v2/health/ready", timeout=10).status_code == 200
+
+
+def test_replicas_are_workers_of_one_container_each_on_its_cpu(
+    mlp_image: str, onnx_source: Variant, variants_workdir: Path, tmp_path: Path
+) -> None:
+    cpus = frozenset(sorted(os.sched_getaffinity(0))[:2])
+    spec = service_spec(onnx_source, variants_workdir, "onnxruntime").model_copy(update={"replicas": 2})
+    with DockerTarget(tmp_path, ready_timeout_s=180) as target:
+        endpoint = target.start(spec, cpus=cpus)
+        name = target.container(endpoint)
+        assert ready_workers(httpx.get(f"{endpoint.url}/metrics", timeout=10).text) == 2
+        limits = json.loads(
+            subprocess.check_output(["docker", "inspect", "--format", "{{json .HostConfig}}", name])
+        )
+        # the pod's CPU for two workers, 2 × (1 + 0.5), as far as the machine has it
+        assert limits["NanoCpus"] == int(min(3.0, os.cpu_count() or 1) * 1e9)
+        top = subprocess.check_output(["docker", "top", name, "-eo", "pid,args"], text=True).splitlines()[1:]
+        workers = [psutil.Process(int(line.split()[0])) for line in top if "--worker-id" in line]
+        assert sorted(tuple(w.cpu_affinity()) for w in workers) == [(min(cpus),), (max(cpus),)]
+        assert_connections_spread(endpoint, workers)
 
 
 def re_field(status: str, key: str) -> str:

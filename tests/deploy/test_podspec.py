@@ -5,6 +5,7 @@ for (node-feature-discovery labels)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,11 @@ def test_chart_values_change_the_docker_options(helm: Path, spec: ServiceSpec, t
 
 
 def test_threads_size_the_cpu_limit(helm: Path, spec: ServiceSpec, tmp_path: Path) -> None:
-    wider = spec.model_copy(update={"threads": ThreadSpec(intra_op=2)})
-    assert option(docker_run_args(rendered_pod(wider, tmp_path), tmp_path / "f"), "--cpus") == ["2.5"]
+    wider = rendered_pod(spec.model_copy(update={"threads": ThreadSpec(intra_op=2)}), tmp_path)
+    assert wider.container["resources"]["limits"]["cpu"] == "2500m"
+    # docker refuses a limit above the machine's CPUs: capped there
+    expected = f"{min(2.5, os.cpu_count() or 1):g}"
+    assert option(docker_run_args(wider, tmp_path / "f"), "--cpus") == [expected]
 
 
 def test_replicas_are_pods_on_a_cluster_and_workers_of_one_container_in_docker(
@@ -80,9 +84,12 @@ def test_replicas_are_pods_on_a_cluster_and_workers_of_one_container_in_docker(
     assert deployment["spec"]["replicas"] == 3
     (one_pod,) = k8s.build_values([three], repository="r", replicas_as="workers")["variants"]
     assert one_pod["replicas"] == 1 and one_pod["serviceSpec"]["replicas"] == 3
-    # docker runs that one pod: three workers' CPU (1.5 each) in the one container
+    # docker runs that one pod: three workers' CPU (1.5 each) in the one container, as far as the
+    # machine has it (docker refuses more)
     pod = rendered_pod(three, tmp_path)
-    assert option(docker_run_args(pod, tmp_path / "f"), "--cpus") == ["4.5"]
+    assert pod.container["resources"]["limits"]["cpu"] == "4500m"
+    expected = f"{min(4.5, os.cpu_count() or 1):g}"
+    assert option(docker_run_args(pod, tmp_path / "f"), "--cpus") == [expected]
     (served,) = [json.loads(m["service.json"]) for m in pod.config_maps.values() if "service.json" in m]
     assert served["replicas"] == 3
 
