@@ -254,7 +254,7 @@ def measure_floor(result: Result, url: str, encodings: list[Encoding], args: arg
         m.saturated_rps = rps
         m.saturated_p99_ms = float(np.percentile(saturated, 99)) * 1e3 if saturated else None
         result.by_encoding[enc.name] = m
-    result.perf_analyzer = "n/a (no model)"
+    result.perf_analyzer = "n/a (no model)" if result.server == "uvicorn-floor" else "n/a (no-op model)"
 
 
 def measure(

@@ -3,6 +3,7 @@ a real `bentoml serve` process for the ONNX variant, and helpers to run the CLI 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -12,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import onnx
 import psutil
@@ -311,3 +313,33 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     terminalreporter.section("reliability figures")
     for test, name, value in RELIABILITY_FIGURES:
         terminalreporter.write_line(f"{name:<44} {value:<28} ({test})")
+
+
+# --- replicas --------------------------------------------------------------------------------------------
+
+
+def assert_connections_spread(endpoint: Endpoint, workers: list[psutil.Process]) -> None:
+    """16 connections, 40 requests each: every worker does a share of the work, and the one /metrics
+    counts all of it. (16 connections hashed over 2 listening sockets all land on one with
+    probability 2 / 2**16.)"""
+    before = {w.pid: sum(w.cpu_times()[:2]) for w in workers}
+
+    async def one() -> None:
+        async with httpx.AsyncClient(timeout=30) as client:  # a connection of its own
+            for _ in range(40):
+                r = await client.post(endpoint.predict_url, json={"inputs": random_inputs(4).tolist()})
+                assert r.status_code == 200
+
+    async def users() -> None:
+        await asyncio.gather(*(one() for _ in range(16)))
+
+    asyncio.run(users())
+    used = {w.pid: sum(w.cpu_times()[:2]) - before[w.pid] for w in workers}
+    assert min(used.values()) > 0.15 * sum(used.values()), f"CPU seconds by worker: {used}"
+    text = httpx.get(f"{endpoint.url}/metrics", timeout=10).text
+    served = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("optiserve_requests_total{") and 'code="200"' in line
+    )
+    assert served >= 16 * 40

@@ -5,6 +5,7 @@ a study, pruning a hopeless trial on its first level, and an SLO nothing can mee
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -12,9 +13,10 @@ import pytest
 import yaml
 
 from optiserve import pipeline
-from optiserve.config import ExperimentConfig, load_config, with_overrides
+from optiserve.config import ExperimentConfig, cpu_split, load_config, with_overrides
 from optiserve.cost import load_prices, usd_per_million
 from optiserve.errors import ConfigError
+from optiserve.tune.outcome import _row as report_row
 from optiserve.tune.outcome import closest, pareto, recommended
 from optiserve.tune.space import build_space
 from optiserve.tune.trial import TrialOutcome, run_trial
@@ -88,6 +90,12 @@ def test_a_trial_measures_its_replicas_together_and_prices_each(
     outcome = first_trial(config, onnx_source, variants_workdir, tmp_path / "trial", incumbent_rps=None)
     assert outcome.feasible, outcome.missed
     assert outcome.params["replicas"] == 2 and outcome.replicas == 2
+    server, _ = cpu_split(sorted(os.sched_getaffinity(0)), None, None)
+    # on 2 CPUs the server gets 1: the report must say the replicas shared it
+    said = f"2 replicas shared {len(server)} CPU(s) (they need 2)" if len(server) < 2 else None
+    assert outcome.shared_cpus == said
+    if said:  # ... in the report's note on that trial
+        assert said in report_row(outcome, on_front=False, best=None)[-1]
     levels = [json.loads(p.read_text()) for p in (tmp_path / "trial" / "bench").glob("*.json")]
     assert levels and all(level["endpoint"]["service"]["replicas"] == 2 for level in levels)
     # priced as two instances for what the two served together

@@ -79,6 +79,7 @@ def _row(o: TrialOutcome, on_front: bool, best: TrialOutcome | None) -> list[str
             "Pareto front" if on_front else "",
             f"noisy after {o.attempts} measurements" if o.noisy else "",
             o.pruned or "",
+            o.shared_cpus or "",
         )
         if x
     )

@@ -66,6 +66,8 @@ class TrialOutcome:
     noisy: bool = False
     pruned: str | None = None
     flags: list[str] = field(default_factory=list)
+    shared_cpus: str | None = None
+    """Replicas on one machine that had fewer CPUs than they need, so shared them (shown in the report)."""
 
     def to_attrs(self) -> dict[str, Any]:
         return {
@@ -175,6 +177,7 @@ def _measure_once(
         return outcome
     outcome.levels = len(results)
     outcome.flags = sorted({f for r in results for f in r.integrity.flags})
+    outcome.shared_cpus = shared_cpus(cfg)
     # Passing as the SLO search judges it: also no generator saturation and no late sends.
     passing = [r for r in results if meets_slo(r, slo)]
     best = max(passing, key=lambda r: r.throughput_rps, default=None)
@@ -193,6 +196,23 @@ def _measure_once(
     outcome.replicas = cost.replicas
     outcome.noisy = contradicts_itself(results, slo)
     return outcome
+
+
+def shared_cpus(config: ExperimentConfig) -> str | None:
+    """Said when the replicas of a trial on one machine had fewer CPUs than they ask for (replicas ×
+    threads), so they shared them: what such a trial measured is not N replicas of their own."""
+    import os
+
+    from optiserve.config import cpu_split
+
+    if config.serving.target not in ("local", "docker"):
+        return None
+    server, _ = cpu_split(sorted(os.sched_getaffinity(0)), config.serving.cpus, config.load.generator_cpus)
+    have = len(server) if server else os.cpu_count() or 1
+    want = config.serving.replicas * config.serving.threads.intra_op
+    if config.serving.replicas < 2 or want <= have:
+        return None
+    return f"{config.serving.replicas} replicas shared {have} CPU(s) (they need {want})"
 
 
 def contradicts_itself(results: list[BenchResult], slo_ms: float) -> bool:

@@ -26,7 +26,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from optiserve.deploy.bento import build_bento, build_wheel
-from optiserve.deploy.engine import engine_problem
+from optiserve.deploy.engine import docker, engine_problem
 from optiserve.deploy.images import build_image
 from optiserve.deploy.targets.base import ready_workers
 from optiserve.deploy.targets.docker import MANAGED_LABEL, DockerTarget
@@ -35,9 +35,8 @@ from optiserve.models.resolve import resolve_model
 from optiserve.optimizers.source import materialize_source
 from optiserve.services.oip_codec import encode_request
 from optiserve.types import Endpoint, ServiceSpec, Variant
-from tests.conftest import error_lines, random_inputs, run_cli, service_spec
+from tests.conftest import assert_connections_spread, error_lines, random_inputs, run_cli, service_spec
 from tests.deploy.conftest import unavailable
-from tests.services.test_replicas import assert_connections_spread
 
 pytestmark = pytest.mark.slow
 
@@ -308,6 +307,13 @@ def test_corrupted_artifact_in_the_image_refuses_to_start(
         target.start(spec)
     assert "sha256" in str(err.value), str(err.value)  # the checksum error, from the container's log
     assert not managed_containers(), "a failed start left a container behind"
+
+
+def test_a_command_line_docker_refuses_is_reported_with_docker_s_reason(mlp_image: str) -> None:
+    # docker's last line is only "See 'docker run --help'."; the reason is the line above it
+    with pytest.raises(ServingError) as e:
+        docker(["run", "--rm", "--cpus", "9999", mlp_image, "true"], what="docker run")
+    assert "--help" not in str(e.value) and "CPU" in str(e.value), str(e.value)
 
 
 def test_variant_without_an_image_is_one_line(engine: None, mlp_onnx: Path, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import psutil
 import pytest
 
+from optiserve.deploy.targets.base import ready_workers
 from optiserve.deploy.targets.local import LocalTarget
 from optiserve.loadtests.runner import run_level, write_payloads
 from optiserve.loadtests.stats import Samples, Window, describe_error_window, error_windows
@@ -104,6 +105,8 @@ def test_a_worker_killed_mid_level_is_an_error_window_and_the_worker_comes_back(
     (restarted,) = serving_workers(own_server)
     assert restarted.pid != worker.pid
     assert httpx.get(f"{own_server.url}/v2/health/ready", timeout=10).status_code == 200
+    # the killed worker's ready gauge is not counted beside its successor's
+    assert ready_workers(httpx.get(f"{own_server.url}/metrics", timeout=10).text) == 1
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@ each accepting its own share of the connections, all counted in one /metrics."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 
@@ -15,8 +14,8 @@ from optiserve.config import replica_cpus
 from optiserve.deploy.targets.base import ready_workers
 from optiserve.deploy.targets.local import LocalTarget
 from optiserve.metrics import forget_dead_workers
-from optiserve.types import Endpoint, Variant
-from tests.conftest import random_inputs, service_spec
+from optiserve.types import Variant
+from tests.conftest import assert_connections_spread, service_spec
 
 
 @pytest.mark.parametrize(
@@ -63,30 +62,3 @@ def test_two_replicas_take_a_cpu_and_connections_each(onnx_source: Variant, vari
         assert len(workers) == 2
         assert sorted(tuple(w.cpu_affinity()) for w in workers) == [(min(cpus),), (max(cpus),)]
         assert_connections_spread(endpoint, workers)
-
-
-def assert_connections_spread(endpoint: Endpoint, workers: list[psutil.Process]) -> None:
-    """16 connections, 40 requests each: every worker does a share of the work, and the one /metrics
-    counts all of it. (16 connections hashed over 2 listening sockets all land on one with
-    probability 2 / 2**16.)"""
-    before = {w.pid: sum(w.cpu_times()[:2]) for w in workers}
-
-    async def one() -> None:
-        async with httpx.AsyncClient(timeout=30) as client:  # a connection of its own
-            for _ in range(40):
-                r = await client.post(endpoint.predict_url, json={"inputs": random_inputs(4).tolist()})
-                assert r.status_code == 200
-
-    async def users() -> None:
-        await asyncio.gather(*(one() for _ in range(16)))
-
-    asyncio.run(users())
-    used = {w.pid: sum(w.cpu_times()[:2]) - before[w.pid] for w in workers}
-    assert min(used.values()) > 0.15 * sum(used.values()), f"CPU seconds by worker: {used}"
-    text = httpx.get(f"{endpoint.url}/metrics", timeout=10).text
-    served = sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("optiserve_requests_total{") and 'code="200"' in line
-    )
-    assert served >= 16 * 40
