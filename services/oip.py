@@ -200,29 +200,11 @@ def create_app(get_core: Any) -> Starlette:
             Route(prefix + "/stats", model_document(statistics), methods=["GET"]),
         ]
 
-    async def unknown(request: Request) -> Response:
-        """Anything else under /v2: BentoML mounts this app passively (a path no route of ours matches
-        falls through to BentoML's plain-text 404), so /v2 ends in a route that answers in JSON."""
-        from starlette.routing import Match
-
-        allowed = sorted(
-            {
-                m
-                for r in routes
-                if isinstance(r, Route) and r.matches(request.scope)[0] == Match.PARTIAL
-                for m in r.methods or ()
-            }
-        )
-        status = 405 if allowed else 404
-        exc = HTTPException(status, headers={"Allow": ", ".join(allowed)} if allowed else None)
-        return await http_error(request, exc)
-
-    routes.append(
-        Route(
-            "/v2/{rest:path}", unknown, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-        )
-    )
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    # A path no route matches is a JSON 404 naming it (as it was behind BentoML's router), not a
+    # redirect to the path without its trailing slash.
+    app.router.redirect_slashes = False
+    return app
 
 
 def statistics(c: ServingCore) -> dict[str, Any]:

@@ -8,6 +8,9 @@ at a ``service.json`` (written by :mod:`optiserve.deploy.targets.local` or baked
   configuration and statistics extensions, and the raw-input routes;
 - ``/readyz``, ``/livez`` and ``/metrics`` (BentoML's; the metrics contract is :mod:`optiserve.metrics`).
 
+Requests for the protocol's paths go to that app from a middleware, ahead of BentoML's router
+(:mod:`optiserve.services.protocol_paths`).
+
 All of them share one :class:`~optiserve.services.core.ServingCore`: one runtime, one adaptive batcher,
 one validation. Ready only after the artifact's checksum was verified, the runtime loaded and warm-up
 inferences ran through the batcher. On SIGTERM the server stops accepting connections and finishes
@@ -26,6 +29,7 @@ import bentoml
 from optiserve.manifest import read_model
 from optiserve.services.core import ServingCore
 from optiserve.services.oip import create_app
+from optiserve.services.protocol_paths import ProtocolPathsFirst
 from optiserve.services.replicas import become_replica
 from optiserve.types import ServiceSpec
 
@@ -93,3 +97,8 @@ class OptiserveService:
     def __is_ready__(self) -> bool:
         core = getattr(self, "core", None)
         return bool(core is not None and core.ready)
+
+
+# The mount above keeps BentoML's OpenAPI view of the app; requests for the protocol's paths skip its
+# router (see services/protocol_paths.py). bentoml.service returns its Service, typed as the class.
+OptiserveService.add_asgi_middleware(ProtocolPathsFirst, protocol_app=routes)  # type: ignore[attr-defined]

@@ -551,12 +551,8 @@ def served_of(endpoint: Endpoint) -> Served:
 
 def ours(path: str) -> bool:
     """Whether optiserve's app answers ``path`` (decoded, as sent: the client drops ``.`` and ``..``
-    segments). Other paths are BentoML's own (``/readyz``, ``/metrics``, and its plain-text 404),
-    outside the protocol; for those only "never a 5xx" holds. So is a path with a newline (``%0A``)
-    before its end: BentoML mounts the app with Starlette's ``Mount("/")``, whose pattern ``/(.*)``
-    does not match a newline, so the app never sees the request."""
-    if "\n" in path.rstrip("\n"):
-        return False
+    segments), a newline (``%0A``) included. Other paths are BentoML's own (``/readyz``, ``/metrics``,
+    and its plain-text 404), outside the protocol; for those only "never a 5xx" holds."""
     return path == "/v2" or path.startswith("/v2/") or path in ("/predict", "/classify", "/embed")
 
 

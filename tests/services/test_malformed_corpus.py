@@ -156,6 +156,9 @@ def hand_made(infer: str) -> list[Bad]:
         Bad("invalid UTF-8 in a string", infer, tensor(name="XX").replace(b'"XX"', b'"\xff"')),
         Bad("unknown route under /v2", "/v2/nothing/here", b"{}"),
         Bad("unknown route under a model", infer.replace("/infer", "/nothing"), b"{}"),
+        # Starlette's route patterns stop at a newline: BentoML's router used to answer these in text
+        Bad("a newline in a /v2 route", "/v2/nothing%0Ahere", b"{}"),
+        Bad("a newline in the model's name", infer.replace("/infer", "%0A/infer"), b"{}"),
         Bad("DELETE a model", infer.removesuffix("/infer"), b"", method="DELETE"),
         Bad("predict: wrong shape", "/predict", b'{"inputs": [[0.5, 0.5]]}'),
         Bad("predict: strings", "/predict", b'{"inputs": [["a"]]}'),
