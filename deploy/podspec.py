@@ -10,6 +10,7 @@ error, never silently dropped, so a container started this way runs as the clust
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from optiserve.errors import ConfigError
 from optiserve.types import ServiceSpec
 
 from . import k8s
+
+LOG = logging.getLogger(__name__)
 
 RELEASE = "optiserve"
 NAMESPACE = "default"
@@ -126,8 +129,16 @@ def docker_run_args(pod: RenderedPod, files_dir: Path) -> list[str]:
     limits = c.get("resources", {}).get("limits", {})
     if "cpu" in limits:
         # docker refuses a limit above the host's CPUs, which a pod for a bigger node can ask for
-        cpus = min(quantity_cpus(limits["cpu"]), float(os.cpu_count() or 1))
-        args += ["--cpus", f"{cpus:g}"]
+        wanted, host = quantity_cpus(limits["cpu"]), float(os.cpu_count() or 1)
+        if wanted > host:
+            LOG.warning(
+                "the pod's CPU limit is %g but this machine has %g CPUs: docker runs it with --cpus %g "
+                "(on a node the chart's limit applies)",
+                wanted,
+                host,
+                host,
+            )
+        args += ["--cpus", f"{min(wanted, host):g}"]
     if "memory" in limits:
         memory = quantity_bytes(limits["memory"])
         args += ["--memory", str(memory), "--memory-swap", str(memory)]
