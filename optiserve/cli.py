@@ -85,6 +85,14 @@ TargetOpt = Annotated[
 InputShapeOpt = Annotated[
     str | None, typer.Option("--input-shape", help="Per-sample shape for module:callable: 3,224,224.")
 ]
+ReplicasOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--replicas",
+        help="Replicas per variant (serving.replicas): worker processes of one server, each on its own "
+        "share of the CPUs (pods on kubernetes).",
+    ),
+]
 
 
 def _ints(text: str | None, what: str) -> list[int] | None:
@@ -127,10 +135,12 @@ def _config(
     scenario: str | None = None,
     rates: str | None = None,
     target: str | None = None,
+    replicas: int | None = None,
     preset: dict[str, Any] | None = None,
 ) -> ExperimentConfig:
     overrides: dict[str, Any] = {
         "serving.target": target,
+        "serving.replicas": replicas,
         "load.scenario": scenario,
         "load.rates": _floats(rates, "--rate"),
         "model.ref": model,
@@ -170,6 +180,7 @@ def run(
     warmup: WarmupOpt = None,
     runtime: RuntimeOpt = None,
     target: TargetOpt = None,
+    replicas: ReplicasOpt = None,
     optimizer: OptimizerOpt = None,
     eval_samples: EvalOpt = None,
     input_shape: InputShapeOpt = None,
@@ -203,6 +214,7 @@ def run(
         scenario=scenario,
         rates=rate,
         target=target,
+        replicas=replicas,
         preset=QUICK if quick else None,
         prometheus_url=prometheus_url,
     )
@@ -280,6 +292,7 @@ def serve(
     workdir: WorkdirOpt = None,
     runtime: RuntimeOpt = None,
     target: TargetOpt = None,
+    replicas: ReplicasOpt = None,
     input_shape: InputShapeOpt = None,
     variant: VariantOpt = None,
     port: Annotated[
@@ -301,13 +314,27 @@ def serve(
     from optiserve.deploy.targets.base import configured_target
 
     cfg = _config(
-        config, model=model, workdir=workdir, runtimes=runtime, input_shape=input_shape, target=target
+        config,
+        model=model,
+        workdir=workdir,
+        runtimes=runtime,
+        input_shape=input_shape,
+        target=target,
+        replicas=replicas,
     )
     cpus = pipeline.serving_cpus(cfg)
     p = _existing_plan(cfg, variant)
     with configured_target(cfg) as deployment:
         table = Table(title="Serving (Ctrl-C stops every server)")
-        for col in ("variant", "runtime", "url", "Open Inference Protocol infer path", "CPUs", "threads"):
+        for col in (
+            "variant",
+            "runtime",
+            "url",
+            "Open Inference Protocol infer path",
+            "CPUs",
+            "replicas",
+            "threads",
+        ):
             table.add_column(col)
         threads = cfg.serving.threads
         with Steps().task("Starting servers", total=len(p.pairs)) as advance:
@@ -320,6 +347,7 @@ def serve(
                     endpoint.url,
                     endpoint.infer_url.removeprefix(endpoint.url),
                     ",".join(map(str, sorted(cpus))) if cpus else "any",
+                    str(spec.replicas),
                     f"{threads.intra_op} intra-op, {threads.inter_op} inter-op",
                 )
                 advance()
@@ -413,6 +441,7 @@ def bench(
     warmup: WarmupOpt = None,
     runtime: RuntimeOpt = None,
     target: TargetOpt = None,
+    replicas: ReplicasOpt = None,
     input_shape: InputShapeOpt = None,
     variant: VariantOpt = None,
     scenario: ScenarioOpt = None,
@@ -470,6 +499,7 @@ def bench(
         rates=rate,
         prometheus_url=prometheus_url,
         target="url" if url else target,
+        replicas=replicas,
     )
     if encoding is not None:
         cfg = with_overrides(cfg, {"load.encoding": encoding})

@@ -34,6 +34,7 @@ BAD_INPUTS = [
     ("bad-concurrency", {}, ["-c", "1,x"], 2, "--concurrency must be comma-separated"),
     ("zero-concurrency", {}, ["-c", "0"], 2, "load.concurrency"),
     ("negative-duration", {}, ["--duration", "-1"], 2, "load.duration_s"),
+    ("zero-replicas", {}, ["--replicas", "0"], 2, "serving.replicas"),
 ]
 
 

@@ -3,6 +3,7 @@ each accepting its own share of the connections, all counted in one /metrics."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -14,8 +15,11 @@ from optiserve.config import replica_cpus
 from optiserve.deploy.targets.base import ready_workers
 from optiserve.deploy.targets.local import LocalTarget
 from optiserve.metrics import forget_dead_workers
+from optiserve.models.resolve import resolve_model
+from optiserve.optimizers.source import materialize_source
+from optiserve.procs import free_port
 from optiserve.types import Variant
-from tests.conftest import assert_connections_spread, service_spec
+from tests.conftest import assert_connections_spread, serve_cli, service_spec
 
 
 @pytest.mark.parametrize(
@@ -62,3 +66,17 @@ def test_two_replicas_take_a_cpu_and_connections_each(onnx_source: Variant, vari
         assert len(workers) == 2
         assert sorted(tuple(w.cpu_affinity()) for w in workers) == [(min(cpus),), (max(cpus),)]
         assert_connections_spread(endpoint, workers)
+
+
+@pytest.mark.slow
+def test_optiserve_serve_replicas_flag_starts_that_many_workers(mlp_onnx: Path, tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    materialize_source(resolve_model(str(mlp_onnx)), work)
+    port = free_port()
+    args = ("-m", mlp_onnx, "-w", work, "-r", "onnxruntime", "--port", port, "--replicas", 2, "--for", 120)
+    with serve_cli(*args, cwd=tmp_path) as printed:
+        spec = json.loads(next((work / "services").glob("*/service.json")).read_text())
+        assert spec["replicas"] == 2
+        assert ready_workers(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text) == 2
+        row = next(line for line in printed if "intra-op" in line)
+        assert "│ 2 " in row or "| 2 " in row, row  # the table's replicas column
