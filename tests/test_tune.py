@@ -16,8 +16,7 @@ from optiserve import pipeline
 from optiserve.config import ExperimentConfig, cpu_split, load_config, with_overrides
 from optiserve.cost import load_prices, usd_per_million
 from optiserve.errors import ConfigError
-from optiserve.tune.outcome import _row as report_row
-from optiserve.tune.outcome import closest, pareto, recommended
+from optiserve.tune.outcome import closest, pareto, recommended, report_row
 from optiserve.tune.space import build_space
 from optiserve.tune.trial import TrialOutcome, run_trial
 from optiserve.types import Variant

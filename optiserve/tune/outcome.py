@@ -71,7 +71,8 @@ def _cost(o: TrialOutcome) -> str:
     return format_usd(o.usd_per_million or 0) + replicas
 
 
-def _row(o: TrialOutcome, on_front: bool, best: TrialOutcome | None) -> list[str]:
+def report_row(o: TrialOutcome, on_front: bool, best: TrialOutcome | None) -> list[str]:
+    """One trial's cells in the tune report (Markdown and HTML alike), its note last."""
     note = "; ".join(
         x
         for x in (
@@ -111,7 +112,7 @@ def render_markdown(config: ExperimentConfig, study: StudyResult, space: SearchS
     order = sorted(
         range(len(outcomes)), key=lambda i: (not outcomes[i].trusted, outcomes[i].usd_per_million or math.inf)
     )
-    lines += ["| " + " | ".join(_row(outcomes[i], front[i], best)) + " |" for i in order]
+    lines += ["| " + " | ".join(report_row(outcomes[i], front[i], best)) + " |" for i in order]
     lines += ["", verdict(config, best)]
     if best is None:
         lines += [f"- {line}" for line in closest(outcomes)]
@@ -176,7 +177,7 @@ def render_html(config: ExperimentConfig, study: StudyResult, space: SearchSpace
         chart = empty_chart(title, "no trial met the SLO", "tradeoff")
     head = "".join(f"<th>{escape(h)}</th>" for h in HEAD)
     rows = "".join(
-        "<tr>" + "".join(f"<td>{escape(c)}</td>" for c in _row(o, front[i], best)) + "</tr>"
+        "<tr>" + "".join(f"<td>{escape(c)}</td>" for c in report_row(o, front[i], best)) + "</tr>"
         for i, o in enumerate(outcomes)
     )
     said = escape(summary(config, study, space))
