@@ -3,11 +3,13 @@
 BentoML mounts an ``asgi_app`` passively at ``/``: its router first tries each of the app's routes
 itself and hands the request over only when one matches. Two things follow, both fixed here:
 
-- a path no route of ours matches gets BentoML's plain-text 404 instead of the protocol's JSON
-  ``{"error": ...}``. Our app ends ``/v2`` in a catch-all route for that, but Starlette's patterns
-  (``.*``) stop at a newline, so ``GET /v2/models/m%0A/ready`` still fell through to the plain text;
-- every request was matched twice, once by BentoML's router and once by ours (9 route matches per
-  binary infer request, measured with cProfile).
+- a path no route of ours matches got BentoML's plain-text 404 instead of the protocol's JSON
+  ``{"error": ...}``. A catch-all ``/v2/{rest:path}`` route used to cover that, but Starlette's
+  patterns (``.*``) stop at a newline, so ``GET /v2/models/m%0A/ready`` still fell through to the plain
+  text. Now our router's own 404 and 405 answer, in JSON, and the catch-all is gone;
+- every request was matched twice: BentoML's mount tried our routes (9 of them before an infer route)
+  and then our router tried them again. Skipping that saves 0.03 ms of CPU a binary infer request
+  (0.95 → 0.92 ms with a no-op model, 3 interleaved rounds).
 
 This middleware is added with BentoML's public ``add_asgi_middleware``, so it runs inside BentoML's
 traffic metrics, tracing, timeout and concurrency middlewares (they still see every request) and in
