@@ -506,6 +506,8 @@ def bench(
     if url:
         if not model_name:
             raise ConfigError("--url needs --model-name: the model's name on that server")
+        if replicas is not None:
+            raise ConfigError("--replicas does not apply to --url: that server is already running as it is")
         cfg = with_overrides(cfg, {"serving.url": url})
         p, chosen = pipeline.remote_plan(
             cfg, url, model_name, explicit_model=model is not None or config is not None

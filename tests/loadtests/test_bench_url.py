@@ -135,6 +135,11 @@ def test_our_own_server_by_url_is_measured_server_side(mlp_endpoint: Endpoint, t
     [
         (("--url", "http://127.0.0.1:9"), 2, "--url needs --model-name"),
         (
+            ("--url", "http://127.0.0.1:9", "--model-name", "m", "--replicas", "2"),
+            2,
+            "--replicas does not apply to --url",
+        ),
+        (
             ("--url", "http://127.0.0.1:9", "--model-name", "m"),
             7,
             "no Open Inference Protocol server answers",
